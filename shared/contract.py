@@ -1,0 +1,120 @@
+"""The function plug-in contract: what `functions/<name>/func.py` provides.
+
+A function folder holds model-specific code only. Its `new()` returns a small handler object:
+
+    config          FunctionConfig: event types, model file and version, batching and serving limits
+    setup(dir)      optional: load side files (a tokenizer) from the model directory, once per process
+    preprocess(d)   event data -> model inputs for ONE item (arrays with a leading batch axis of 1);
+                    raises InvalidInput listing every problem at once
+    postprocess(o, d)  model outputs for ONE item (batch axis removed) and the request data -> result
+                    data, or a Result when the function picks its result type per event
+    example()       request data used for warm-up and benchmarks
+
+Everything else (ONNX run, batching, wire formats, errors, health, metrics) lives in `shared/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Feeds = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Dynamic batching limits of one function (per process)."""
+
+    max_batch_size: int = 32
+    max_queue_delay_ms: float = 1.0
+    queue_capacity: int = 512
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """What one instance holds and how Knative should scale it (rendered into knative/)."""
+
+    min_scale: int = 0
+    max_scale: int = 4
+    initial_scale: int = 1
+    retention_period: str = "60s"
+    gpu: bool = False
+    cpu: str = "2"
+    memory: str = "1Gi"
+    timeout_seconds: int = 120
+
+
+@dataclass(frozen=True)
+class FunctionConfig:
+    """Static description of a function, declared by the function itself."""
+
+    name: str
+    accepts: tuple[str, ...]
+    result_types: tuple[str, ...]
+    model_file: str | None = None
+    model_version: str = "1"
+    batching: Batching = field(default_factory=Batching)
+    scaling: Scaling = field(default_factory=Scaling)
+    workers: int = 2
+    threads: int = 16
+
+    @property
+    def result_type(self) -> str:
+        """The default result type (the first declared)."""
+        return self.result_types[0]
+
+    def __post_init__(self) -> None:
+        overlap = set(self.accepts) & set(self.result_types)
+        if overlap:
+            raise ValueError(f"{self.name}: result type(s) {sorted(overlap)} equal a request type (loop)")
+
+
+@dataclass(frozen=True)
+class Result:
+    """Result data with an explicit result type (one of `FunctionConfig.result_types`)."""
+
+    data: Any
+    type: str | None = None
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """What `functions/<name>.new()` returns."""
+
+    config: FunctionConfig
+
+    def preprocess(self, data: Any) -> Feeds: ...
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray], data: Any) -> Any: ...
+
+    def example(self) -> Any: ...
+
+
+def load_handler(name: str) -> Handler:
+    """Import `functions.<name>` and call its `new()`."""
+    if not name.isidentifier():
+        raise ValueError(f"invalid function name {name!r}")
+    try:
+        module = importlib.import_module(f"functions.{name}")
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"unknown function {name!r} (no package functions/{name})") from exc
+    handler: Handler = module.new()
+    return handler
+
+
+def function_names() -> list[str]:
+    """Every function folder that has a `new()`."""
+    root = Path(__file__).resolve().parent.parent / "functions"
+    return sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_"))
+
+
+def setup_handler(handler: Handler, model_dir: Path) -> None:
+    """Call the handler's optional `setup(model_dir)`."""
+    setup = getattr(handler, "setup", None)
+    if setup is not None:
+        setup(model_dir)
