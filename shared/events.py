@@ -1,0 +1,288 @@
+"""The CloudEvents edge: wire bytes <-> one framework-free `Event`.
+
+HTTP binding (CloudEvents 1.0): binary mode (`ce-*` headers, body = data), structured mode
+(`application/cloudevents+json`) and batched mode (`application/cloudevents-batch+json`).
+Mode detection follows the spec's Content-Type rule. JSON is read and written with orjson.
+Nothing here knows Flask, Kafka or onnxruntime; the Kafka binding builds on the same helpers.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+from shared.errors import InvalidEvent
+
+SPECVERSION = "1.0"
+REQUIRED = ("id", "source", "specversion", "type")
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+JSON_CONTENT = "application/json"
+ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,64}$")
+EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+# Attributes carried from a request onto its result event.
+CARRIED = ("subject", "partitionkey", "traceparent", "tracestate")
+
+Mode = str  # "binary" | "structured" | "batch"
+
+
+@dataclass(slots=True)
+class Event:
+    """One CloudEvent: context attributes (extensions included) and data.
+
+    `data` is the decoded JSON value for JSON content types, `bytes` for anything else, None if absent.
+    """
+
+    attributes: dict[str, Any]
+    data: Any = None
+    _raw: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def id(self) -> str:
+        return str(self.attributes["id"])
+
+    @property
+    def type(self) -> str:
+        return str(self.attributes["type"])
+
+    @property
+    def source(self) -> str:
+        return str(self.attributes["source"])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.attributes.get(name, default)
+
+    @property
+    def datacontenttype(self) -> str | None:
+        value = self.attributes.get("datacontenttype")
+        return None if value is None else str(value)
+
+
+def is_json_content(content_type: str | None) -> bool:
+    """True for absent (JSON by default), application/json, text/json and any `+json` type."""
+    if not content_type:
+        return True
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media in (JSON_CONTENT, "text/json") or media.endswith("+json")
+
+
+def data_bytes(event: Event) -> bytes | None:
+    """The event's data as bytes for a binary-mode body (JSON-encoded for JSON content)."""
+    if event._raw is not None:
+        return event._raw
+    if event.data is None:
+        return None
+    if isinstance(event.data, bytes | bytearray):
+        return bytes(event.data)
+    if isinstance(event.data, str) and not is_json_content(event.datacontenttype):
+        return event.data.encode()
+    return orjson.dumps(event.data, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_data(body: bytes, content_type: str | None, event_id: str | None = None) -> Any:
+    """Data bytes from a binary-mode body or record value -> Python value."""
+    if not body:
+        return None
+    if is_json_content(content_type):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidEvent(f"data is not valid JSON: {exc}", event_id=event_id) from None
+    return bytes(body)
+
+
+def check_attributes(attributes: dict[str, Any]) -> None:
+    """Raise InvalidEvent listing every problem with the context attributes."""
+    problems = [f"missing required attribute '{name}'" for name in REQUIRED if not attributes.get(name)]
+    version = attributes.get("specversion")
+    if version and version != SPECVERSION:
+        problems.append(f"unsupported specversion {version!r} (expected '1.0')")
+    problems += [
+        f"invalid attribute name {name!r} (lowercase letters and digits only)"
+        for name in attributes
+        if not ATTRIBUTE_NAME.match(name)
+    ]
+    if problems:
+        raise InvalidEvent("invalid CloudEvent: " + "; ".join(problems), problems, attributes.get("id"))
+
+
+def from_binary(headers: Mapping[str, str], body: bytes) -> Event:
+    """HTTP binary mode: attributes from `ce-*` headers, data from the body."""
+    attributes: dict[str, Any] = {}
+    for key, value in headers.items():
+        lower = key.lower()
+        if lower.startswith("ce-"):
+            if "%" in value:
+                value = unquote(value)
+            elif len(value) > 1 and value[0] == '"' and value[-1] == '"':
+                value = value[1:-1]
+            attributes[lower[3:]] = value
+    content_type = headers.get("content-type") or headers.get("Content-Type")
+    if content_type:
+        attributes["datacontenttype"] = content_type
+    check_attributes(attributes)
+    data = decode_data(body, content_type, attributes["id"])
+    return Event(attributes, data, _raw=bytes(body) if body and not is_json_content(content_type) else None)
+
+
+def from_structured_dict(envelope: Any) -> Event:
+    """A JSON-format envelope (already parsed) -> Event."""
+    if not isinstance(envelope, dict):
+        raise InvalidEvent("structured CloudEvent must be a JSON object")
+    attributes = {k: v for k, v in envelope.items() if k not in ("data", "data_base64")}
+    check_attributes(attributes)
+    if "data_base64" in envelope:
+        import base64
+
+        try:
+            data: Any = base64.b64decode(envelope["data_base64"], validate=True)
+        except (ValueError, TypeError):
+            raise InvalidEvent("data_base64 is not valid base64", event_id=str(attributes["id"])) from None
+    else:
+        data = envelope.get("data")
+    return Event(attributes, data)
+
+
+def to_structured_dict(event: Event) -> dict[str, Any]:
+    """Event -> JSON-format envelope (binary data as `data_base64`)."""
+    envelope = dict(event.attributes)
+    if event.data is not None:
+        if isinstance(event.data, bytes | bytearray):
+            import base64
+
+            envelope["data_base64"] = base64.b64encode(event.data).decode()
+        else:
+            envelope["data"] = event.data
+    return envelope
+
+
+def _parse_json(body: bytes, what: str) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEvent(f"{what} body is not valid JSON: {exc}") from None
+
+
+def detect_mode(content_type: str | None) -> Mode:
+    """The HTTP binding's rule: `application/cloudevents-batch` batched, `application/cloudevents` structured."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("application/cloudevents-batch"):
+        return "batch"
+    if media.startswith("application/cloudevents"):
+        return "structured"
+    return "binary"
+
+
+def decode_http(headers: Mapping[str, str], body: bytes) -> tuple[Mode, list[Event]]:
+    """HTTP request -> (mode, events). Raises InvalidEvent with a clear message."""
+    mode = detect_mode(headers.get("content-type") or headers.get("Content-Type"))
+    if mode == "binary":
+        return mode, [from_binary(headers, body)]
+    parsed = _parse_json(body, "structured" if mode == "structured" else "batched")
+    if mode == "structured":
+        return mode, [from_structured_dict(parsed)]
+    if not isinstance(parsed, list):
+        raise InvalidEvent("batched CloudEvents body must be a JSON array")
+    if not parsed:
+        raise InvalidEvent("batched CloudEvents body is an empty array")
+    return mode, [from_structured_dict(item) for item in parsed]
+
+
+_HEADER_SAFE = frozenset(range(0x21, 0x7F)) - {ord('"'), ord("%")}
+
+
+def encode_header_value(value: Any) -> str:
+    """Percent-encode a binary-mode header value (space, '"', '%', non-ASCII) as the binding requires."""
+    text = value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    if all(ord(c) in _HEADER_SAFE for c in text):
+        return text
+    out = []
+    for char in text:
+        if ord(char) in _HEADER_SAFE:
+            out.append(char)
+        else:
+            out.extend(f"%{b:02X}" for b in char.encode())
+    return "".join(out)
+
+
+def to_binary(event: Event) -> tuple[dict[str, str], bytes]:
+    """Event -> binary-mode HTTP headers and body."""
+    headers = {
+        "ce-" + name: encode_header_value(value)
+        for name, value in event.attributes.items()
+        if name != "datacontenttype" and value is not None
+    }
+    body = data_bytes(event) or b""
+    if event.data is not None:
+        headers["Content-Type"] = event.datacontenttype or JSON_CONTENT
+    return headers, body
+
+
+def encode_http(mode: Mode, events: list[Event]) -> tuple[dict[str, str], bytes]:
+    """Events -> HTTP reply in the given mode (binary and structured take exactly one event)."""
+    if mode == "binary":
+        return to_binary(events[0])
+    if mode == "structured":
+        body = orjson.dumps(to_structured_dict(events[0]), option=orjson.OPT_SERIALIZE_NUMPY)
+        return {"Content-Type": STRUCTURED + "; charset=utf-8"}, body
+    body = orjson.dumps([to_structured_dict(e) for e in events], option=orjson.OPT_SERIALIZE_NUMPY)
+    return {"Content-Type": BATCH + "; charset=utf-8"}, body
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def new_event(
+    type_: str, source: str, data: Any, extensions: Mapping[str, Any] | None = None, subject: str | None = None
+) -> Event:
+    """A fresh event with a new id, the current time and JSON data."""
+    attributes: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": uuid.uuid4().hex,
+        "source": source,
+        "type": type_,
+        "time": now_rfc3339(),
+        "datacontenttype": JSON_CONTENT,
+    }
+    if subject is not None:
+        attributes["subject"] = subject
+    if extensions:
+        for name, value in extensions.items():
+            if not EXTENSION_NAME.match(name):
+                raise ValueError(f"invalid extension name {name!r}: 1-20 lowercase letters and digits")
+            if value is not None and value != "":
+                attributes[name] = value
+    return Event(attributes, data)
+
+
+def result_event(
+    request: Event, type_: str, source: str, data: Any, model_version: str, revision: str
+) -> Event:
+    """The reply to `request`: new id, result type, our source; subject, partitionkey and trace context
+    carried over; `requestid`, `modelversion` and `revision` extensions."""
+    attributes: dict[str, Any] = {
+        "specversion": SPECVERSION,
+        "id": uuid.uuid4().hex,
+        "source": source,
+        "type": type_,
+        "time": now_rfc3339(),
+        "datacontenttype": JSON_CONTENT,
+    }
+    req = request.attributes
+    for name in CARRIED:
+        value = req.get(name)
+        if value is not None:
+            attributes[name] = value
+    attributes["requestid"] = req["id"]
+    attributes["modelversion"] = model_version
+    if revision:
+        attributes["revision"] = revision
+    return Event(attributes, data)
