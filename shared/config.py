@@ -106,3 +106,15 @@ class Settings:
             k_revision=env.get("K_REVISION", ""),
             k_configuration=env.get("K_CONFIGURATION", ""),
         )
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: affinity, capped by a cgroup v2 quota (containers)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)

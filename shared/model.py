@@ -1,0 +1,175 @@
+"""OnnxModel: one onnxruntime session, built deliberately, with input metadata and a typed run.
+
+Knows nothing of HTTP or events. Session options:
+- graph optimisation ORT_ENABLE_ALL, the optimised graph cached on disk (keyed by model bytes,
+  onnxruntime version and providers) so a cold start loads it with optimisation off;
+- intra-op threads sized to cores / workers, one inter-op thread, spinning off when several
+  worker processes share the cores;
+- CUDA (and TensorRT where its libraries load) only when a GPU is visible; IOBinding on CUDA.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+# ONNX tensor type -> numpy dtype.
+ONNX_DTYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, numpy dtype and shape (None for a dynamic axis) of a model input or output."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]
+    onnx_type: str
+
+    @property
+    def batched(self) -> bool:
+        return bool(self.shape) and self.shape[0] is None
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU is visible to this process (device node or driver entry)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return Path("/dev/nvidia0").exists() or (gpus.is_dir() and any(gpus.iterdir()))
+
+
+def choose_providers(requested: str) -> list[str]:
+    """Execution providers for `requested` in auto|cpu|cuda|tensorrt; CPU always last."""
+    available = set(ort.get_available_providers())
+    providers: list[str] = []
+    want_gpu = requested in ("cuda", "tensorrt") or (requested == "auto" and gpu_visible())
+    if want_gpu and "CUDAExecutionProvider" in available:
+        tensorrt_ok = "TensorrtExecutionProvider" in available and ctypes.util.find_library("nvinfer")
+        if requested == "tensorrt" or (requested == "auto" and tensorrt_ok):
+            providers.append("TensorrtExecutionProvider")
+        providers.append("CUDAExecutionProvider")
+    elif requested in ("cuda", "tensorrt"):
+        log.warning("providers=%s asked for but no usable GPU build/device: running on CPU", requested)
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+def _spec(arg: Any) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
+    return TensorSpec(arg.name, ONNX_DTYPES.get(arg.type, np.dtype(np.float32)), shape, arg.type)
+
+
+def _cache_path(model_path: Path, cache_dir: Path, providers: list[str]) -> Path:
+    digest = hashlib.sha256()
+    digest.update(model_path.read_bytes())
+    digest.update(ort.__version__.encode())
+    digest.update(",".join(providers).encode())
+    return cache_dir / f"{model_path.stem}-{digest.hexdigest()[:16]}.optimized.onnx"
+
+
+class OnnxModel:
+    """An onnxruntime session plus its input/output specs."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        providers: str = "auto",
+        intra_op_threads: int = 1,
+        spinning: bool = False,
+        cache_dir: Path | None = None,
+    ) -> None:
+        if not model_path.is_file():
+            raise FileNotFoundError(f"model file {model_path} not found (run `onnxfn build-models`)")
+        self.path = model_path
+        self.providers = choose_providers(providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        load_path = model_path
+        self.cache_hit = False
+        if cache_dir is not None:
+            cached = _cache_path(model_path, cache_dir, self.providers)
+            if cached.is_file():
+                load_path, self.cache_hit = cached, True
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            else:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                # Written by onnxruntime at session creation; renamed into place so readers never see half.
+                self._pending_cache: tuple[Path, Path] | None = (cached.with_suffix(f".{os.getpid()}.tmp"), cached)
+                options.optimized_model_filepath = str(self._pending_cache[0])
+        else:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(load_path), sess_options=options, providers=self.providers)
+        pending = getattr(self, "_pending_cache", None)
+        if pending is not None and pending[0].is_file():
+            os.replace(pending[0], pending[1])
+        self.providers = self.session.get_providers()
+        self.inputs = [_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.outputs]
+        self.on_gpu = self.providers[0] != "CPUExecutionProvider"
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch; returns every output by name."""
+        if self.on_gpu:
+            return self._run_bound(feeds)
+        values = self.session.run(self.output_names, feeds)
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.output_names:
+            binding.bind_output(name, "cuda")
+        self.session.run_with_iobinding(binding)
+        values = binding.copy_outputs_to_cpu()
+        return dict(zip(self.output_names, values, strict=True))
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> list[str]:
+        """Every mismatch between one item's feeds and the model's inputs (names, dtypes, ranks, dims)."""
+        problems: list[str] = []
+        expected = {spec.name: spec for spec in self.inputs}
+        missing = expected.keys() - feeds.keys()
+        extra = feeds.keys() - expected.keys()
+        problems += [f"missing model input '{name}'" for name in sorted(missing)]
+        problems += [f"unknown model input '{name}'" for name in sorted(extra)]
+        for name, array in feeds.items():
+            spec = expected.get(name)
+            if spec is None:
+                continue
+            if array.dtype != spec.dtype:
+                problems.append(f"input '{name}': dtype {array.dtype}, model wants {spec.dtype}")
+            if array.ndim != len(spec.shape):
+                problems.append(f"input '{name}': rank {array.ndim}, model wants {len(spec.shape)}")
+                continue
+            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+                if want is not None and got != want:
+                    problems.append(f"input '{name}': axis {axis} is {got}, model wants {want}")
+        return problems

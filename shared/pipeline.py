@@ -1,0 +1,242 @@
+"""The transport-agnostic pipeline every entry point calls: event -> result event.
+
+type check -> handler.preprocess -> dynamic batcher -> model run -> handler.postprocess -> result event.
+It owns the model's life cycle (load and warm-up in the background; `ready` only after both) and
+times each stage into Metrics. HTTP, Kafka and benchmarks all go through `Pipeline.process`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.batcher import DynamicBatcher, Feeds
+from shared.config import Settings, available_cores
+from shared.contract import FunctionConfig, Handler, Result, setup_handler
+from shared.errors import (
+    FunctionError,
+    InferenceFailed,
+    InvalidInput,
+    ModelNotReady,
+    UnknownEventType,
+)
+from shared.events import Event, result_event
+from shared.metrics import Metrics
+from shared.model import OnnxModel
+
+log = logging.getLogger(__name__)
+
+ERROR_EVENT_TYPE = "dev.onnxfn.error"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How this process uses the machine: worker processes and onnxruntime threads."""
+
+    workers: int
+    threads: int
+    intra_op_threads: int
+    max_batch_size: int
+    max_queue_delay_s: float
+    queue_capacity: int
+
+    @classmethod
+    def of(cls, config: FunctionConfig, settings: Settings) -> Layout:
+        workers = settings.workers or config.workers
+        intra = settings.intra_op_threads or max(1, available_cores() // workers)
+        delay_ms = settings.max_queue_delay_ms
+        return cls(
+            workers=workers,
+            threads=settings.threads or config.threads,
+            intra_op_threads=intra,
+            max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
+            max_queue_delay_s=(config.batching.max_queue_delay_ms if delay_ms is None else delay_ms) / 1000,
+            queue_capacity=settings.queue_capacity or config.batching.queue_capacity,
+        )
+
+
+class Pipeline:
+    """One function's processing path inside one process."""
+
+    def __init__(self, handler: Handler, settings: Settings, metrics: Metrics) -> None:
+        self.handler = handler
+        self.config = handler.config
+        self.settings = settings
+        self.metrics = metrics
+        self.layout = Layout.of(self.config, settings)
+        self.source = f"/functions/{self.config.name}"
+        self.revision = settings.k_revision or f"{self.config.name}-v{self.config.model_version}"
+        self.model: OnnxModel | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.load_error: str | None = None
+        self.timings: dict[str, float] = {}
+        self._ready = threading.Event()
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self, background: bool = True) -> None:
+        """Load the model and warm up, then mark ready (in a thread unless `background` is False)."""
+        if background:
+            threading.Thread(target=self._load, name="onnxfn-load", daemon=True).start()
+        else:
+            self._load()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def _load(self) -> None:
+        try:
+            t0 = time.perf_counter()
+            setup_handler(self.handler, self.settings.model_dir)
+            if self.config.model_file is not None:
+                self.model = OnnxModel(
+                    self.settings.model_dir / self.config.model_file,
+                    providers=self.settings.providers,
+                    intra_op_threads=self.layout.intra_op_threads,
+                    spinning=self.layout.workers == 1,
+                    cache_dir=self.settings.cache_dir,
+                )
+                self.batcher = DynamicBatcher(
+                    self.model.run,
+                    max_batch_size=self.layout.max_batch_size,
+                    max_queue_delay_s=self.layout.max_queue_delay_s,
+                    capacity=self.layout.queue_capacity,
+                    observe=self.metrics.observe_batch,
+                )
+            t1 = time.perf_counter()
+            self._warm_up()
+            t2 = time.perf_counter()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("function %s failed to load: %s", self.config.name, self.load_error)
+            return
+        self.timings = {"model_load_s": t1 - t0, "warmup_s": t2 - t1}
+        self.metrics.model_load.observe(t1 - t0)
+        self.metrics.warmup.observe(t2 - t1)
+        self._ready.set()
+        log.info(
+            "function %s ready: load %.3f s, warm-up %.3f s, providers %s",
+            self.config.name, t1 - t0, t2 - t1, self.model.providers if self.model else "none",
+        )
+
+    def _warm_up(self) -> None:
+        """Run the example at batch 1 and at the largest batch, so first requests pay no allocation."""
+        example = self.handler.example()
+        feeds = self.handler.preprocess(example)
+        if self.model is None:
+            self.handler.postprocess({k: v[0] for k, v in feeds.items()}, example)
+            return
+        outputs = self.model.run(feeds)
+        self.handler.postprocess({k: v[0] for k, v in outputs.items()}, example)
+        rows = self.layout.max_batch_size
+        self.model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
+
+    def not_ready_error(self) -> ModelNotReady:
+        if self.load_error:
+            return ModelNotReady(f"model failed to load: {self.load_error}")
+        return ModelNotReady("model is loading; retry shortly")
+
+    # -- requests -----------------------------------------------------------------------------------
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Bracket one HTTP request: in-flight gauge, and tells the batcher company is coming."""
+        batcher = self.batcher
+        self.metrics.inflight.inc()
+        if batcher is not None:
+            batcher.arriving()
+        try:
+            yield
+        finally:
+            if batcher is not None:
+                batcher.left()
+            self.metrics.inflight.dec()
+
+    def _preprocess(self, event: Event) -> Feeds:
+        if event.type not in self.config.accepts:
+            raise UnknownEventType(
+                f"event type {event.type!r} is not accepted by {self.config.name} "
+                f"(accepts: {', '.join(self.config.accepts)})",
+                event_id=event.id,
+            )
+        try:
+            return self.handler.preprocess(event.data)
+        except InvalidInput as exc:
+            exc.event_id = event.id
+            raise
+        except Exception as exc:
+            raise InvalidInput([f"could not read event data: {type(exc).__name__}: {exc}"], event.id) from None
+
+    def _finish(self, event: Event, outputs: Feeds) -> Event:
+        row = {name: value[0] for name, value in outputs.items()}
+        try:
+            out = self.handler.postprocess(row, event.data)
+        except Exception as exc:
+            log.exception("postprocess failed for event %s", event.id)
+            raise InferenceFailed(f"postprocess failed: {type(exc).__name__}: {exc}", event_id=event.id) from None
+        type_ = self.config.result_type
+        if isinstance(out, Result):
+            type_ = out.type or type_
+            out = out.data
+        return result_event(event, type_, self.source, out, self.config.model_version, self.revision)
+
+    def process(self, event: Event) -> Event:
+        """One request event -> its result event. Raises FunctionError."""
+        if not self._ready.is_set():
+            raise self.not_ready_error()
+        feeds = self._preprocess(event)
+        if self.batcher is None:
+            return self._finish(event, feeds)
+        return self._finish(event, self.batcher.infer(feeds))
+
+    def process_batch(self, events: list[Event]) -> list[Event]:
+        """Many events in one request, all through the batcher together.
+
+        An event that is invalid (a 4xx) becomes an error event in its place, so the others are not
+        lost; a retryable failure (429, 5xx) fails the whole request so the sender retries it.
+        """
+        if not self._ready.is_set():
+            raise self.not_ready_error()
+        pending: list[Any] = []
+        for event in events:
+            try:
+                feeds = self._preprocess(event)
+            except FunctionError as exc:
+                pending.append(exc)
+                continue
+            pending.append(self.batcher.submit(feeds) if self.batcher is not None else feeds)
+        results: list[Event] = []
+        for event, item in zip(events, pending, strict=True):
+            if isinstance(item, FunctionError):
+                results.append(self.error_event(event, item))
+            elif isinstance(item, dict):
+                results.append(self._finish(event, item))
+            else:
+                assert self.batcher is not None
+                results.append(self._finish(event, self.batcher.result(item)))
+        return results
+
+    def error_event(self, event: Event, error: FunctionError) -> Event:
+        """An error event answering `event`: the reason travels with the stream."""
+        data = {"status": error.status, **error.to_json()}
+        return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision)
+
+    def infer_tensors(self, feeds: Feeds) -> Feeds:
+        """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""
+        if not self._ready.is_set():
+            raise self.not_ready_error()
+        if self.model is None or self.batcher is None:
+            raise InvalidInput([f"function {self.config.name} has no model to infer with"])
+        problems = self.model.check_feeds(feeds)
+        if problems:
+            raise InvalidInput(problems)
+        return self.batcher.infer(feeds)
