@@ -15,22 +15,29 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("shared.serve", "run one function under gunicorn on $PORT (the container's command)"),
     "build-models": ("shared.build_models", "build the functions' ONNX models when missing"),
     "bench": ("shared.bench.cli", "benchmark functions against raw onnxruntime and a plain baseline"),
+    "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),
+    "traffic": ("shared.traffic", "edit a committed Service's traffic block like `kn service update --traffic`"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that subcommand's module is imported (fast start)."""
     parser = argparse.ArgumentParser(prog="onnxfn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        command = sub.add_parser(name, help=help_text, description=module.__doc__)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command = sub.add_parser(name, help=help_text)
+        if only in (None, name):
+            module = importlib.import_module(module_name)
+            command.description = module.__doc__
+            module.add_arguments(command)
+            command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(only).parse_args(argv)
     code: int = args.run(args)
     return code
 
