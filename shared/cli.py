@@ -16,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-models": ("shared.build_models", "build the functions' ONNX models when missing"),
     "bench": ("shared.bench.cli", "benchmark functions against raw onnxruntime and a plain baseline"),
     "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),
-    "traffic": ("shared.traffic", "edit a committed Service's traffic block like `kn service update --traffic`"),
+    "traffic": ("shared.traffic", "edit a committed Service's traffic like `kn service update`"),
 }
 
 

@@ -47,6 +47,8 @@ class Scaling:
     cpu: str = "2"
     memory: str = "1Gi"
     timeout_seconds: int = 120
+    # Memory of the GPU variant's pod: each worker process maps the CUDA/cuDNN libraries (~1 GiB).
+    gpu_memory: str = "4Gi"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,279 @@
+"""Edit a committed Service's `spec.traffic` the way `kn service update` does, for GitOps.
+
+    onnxfn traffic digits digits-v1=90 @latest=10 --tag @latest=candidate --untag old
+
+`apply_traffic` follows kn's traffic computation (knative/client `pkg/traffic/compute.go`, the
+flags in knative.md 4.3) for a traffic-only update (no new revision): `--untag` first, then
+`--tag ref=tag`, then, if any split is given, every percent is reset to 0 and the splits applied
+(`ref` = a tag, a revision name or `@latest`); a sum under 100 goes to the one existing target left
+unnamed; targets with 0 % and no tag are dropped. The result must pass Serving's route rules
+(percents sum to 100, unique DNS-1035 tags). The latest ready revision, which kn reads from the
+Service status, is taken to be `spec.template.metadata.name` of the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.render import KNATIVE_DIR, replace_traffic
+
+LATEST = "@latest"
+TAG_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+FIELD_ORDER = ("tag", "revisionName", "configurationName", "latestRevision", "percent")
+Target = dict[str, Any]
+
+
+class TrafficError(ValueError):
+    """The requested traffic change cannot be applied (the message says why, in kn's words)."""
+
+
+def _split_pair(pair: str) -> tuple[str, str]:
+    """`ref=value` -> (ref, value); a bare `value` means `@latest=value` (kn `splitByEqualSign`)."""
+    parts = pair.split("=")
+    if len(parts) == 1:
+        return LATEST, parts[0]
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise TrafficError(f"expecting the value format in value1=value2, given {pair}")
+    return parts[0], parts[1].removesuffix("%")
+
+
+def _flatten(values: Iterable[str]) -> list[str]:
+    """Repeated flags and comma lists, as kn's string-slice flags accept them."""
+    return [item for value in values for item in value.split(",") if item]
+
+
+def _repetition(flag: str, ref: str) -> TrafficError:
+    name = f"identifier {LATEST}" if ref == LATEST else f"revision reference {ref}"
+    return TrafficError(f"repetition of {name} is not allowed, use only once with {flag} flag")
+
+
+def parse_splits(splits: Sequence[str]) -> list[tuple[str, int]]:
+    """Parse `ref=percent` items; refs must be unique and percents integers in 0..100."""
+    parsed: list[tuple[str, int]] = []
+    for item in splits:
+        ref, raw = _split_pair(item)
+        if any(ref == seen for seen, _ in parsed):
+            raise _repetition("--traffic", ref)
+        try:
+            percent = int(raw)
+        except ValueError:
+            raise TrafficError(
+                f"error converting given {raw} to integer value for traffic distribution"
+            ) from None
+        if not 0 <= percent <= 100:
+            raise TrafficError(f"invalid value for traffic percent {percent}, expected 0 <= percent <= 100")
+        parsed.append((ref, percent))
+    return parsed
+
+
+def _is_latest(target: Target) -> bool:
+    return bool(target.get("latestRevision", not target.get("revisionName")))
+
+
+def _remainder(
+    parsed: list[tuple[str, int]], targets: list[Target], latest_name: str
+) -> list[tuple[str, int]]:
+    """kn `verifyInput` for a traffic-only update: where a sum under 100 goes."""
+    total = sum(percent for _, percent in parsed)
+    if total > 100:
+        raise TrafficError(f"given traffic percents sum to {total}, want <=100")
+    if total == 100 or not parsed:
+        return parsed
+    missing = f"unable to allocate the remaining traffic: {100 - total}%. Reason: "
+    if len(parsed) != len(targets) - 1:
+        raise TrafficError(
+            missing + "incorrect number of revisions specified. Only 1 revision should be missing"
+        )
+    refs = {ref for ref, _ in parsed}
+    if LATEST in refs:
+        refs.add(latest_name)
+    for target in targets:
+        name = latest_name if _is_latest(target) else target.get("revisionName", "")
+        if not name:
+            break
+        if name not in refs and target.get("tag", "") not in refs:
+            return [*parsed, (name, 100 - total)]
+    raise TrafficError(missing + "cannot determine the missing revision")
+
+
+def _new_target(tag: str, revision: str, percent: int, latest: bool) -> Target:
+    target: Target = {"tag": tag} if tag else {}
+    if latest:
+        target["latestRevision"] = True
+    else:
+        target.update(revisionName=revision, latestRevision=False)
+    target["percent"] = percent
+    return target
+
+
+def _tag(targets: list[Target], ref: str, tag: str) -> list[Target]:
+    """kn's `--tag` for one `ref=tag`; refuses to move an existing tag."""
+    overwrite = (
+        f"refusing to overwrite existing tag in service, add flag '--untag {tag}' in command to untag it"
+    )
+    present = any(t.get("tag") == tag for t in targets)
+    if ref == LATEST:
+        existing = next((t.get("tag", "") for t in targets if _is_latest(t)), "")
+        if existing == tag:
+            return targets
+        if present:
+            raise TrafficError(overwrite)
+        if existing:
+            raise TrafficError(
+                f"tag '{existing}' exists on latest ready revision of service, refusing to overwrite existing"
+                f" tag with '{tag}', add flag '--untag {existing}' in command to untag it"
+            )
+        for target in targets:
+            if _is_latest(target):
+                target["tag"] = tag
+                return targets
+        return [*targets, _new_target(tag, "", 0, True)]
+    if any(t.get("tag") == tag and t.get("revisionName") == ref for t in targets):
+        return targets
+    if present:
+        raise TrafficError(overwrite)
+    for target in targets:
+        if target.get("revisionName") == ref:
+            if not target.get("tag"):
+                target["tag"] = tag
+                return targets
+            break
+    return [*targets, _new_target(tag, ref, 0, False)]
+
+
+def _set_percent(targets: list[Target], ref: str, percent: int) -> list[Target]:
+    """kn's precedence for one split: @latest, then a tag, then a revision name, else a new target."""
+    if ref == LATEST:
+        match = next((t for t in targets if _is_latest(t)), None)
+        if match is None:
+            return [*targets, _new_target("", "", percent, True)]
+    else:
+        match = next((t for t in targets if t.get("tag") == ref), None)
+        match = match or next((t for t in targets if t.get("revisionName") == ref), None)
+        if match is None:
+            return [*targets, _new_target("", ref, percent, False)]
+    match["percent"] = percent
+    return targets
+
+
+def check_traffic(targets: Sequence[Target]) -> list[str]:
+    """Serving's route rules for `spec.traffic` (knative.md 4.1); empty when valid."""
+    errors: list[str] = []
+    tags: set[str] = set()
+    for index, target in enumerate(targets):
+        where = f"spec.traffic[{index}]"
+        revision, latest = target.get("revisionName", ""), target.get("latestRevision")
+        if "configurationName" in target:
+            errors.append(f"{where}.configurationName: not allowed in a Service")
+        if latest is not None and bool(latest) == bool(revision):
+            errors.append(f"{where}: latestRevision must be true iff revisionName is empty")
+        tag = target.get("tag", "")
+        if tag:
+            if not TAG_LABEL.match(tag) or len(tag) > 63:
+                errors.append(f"{where}.tag: {tag!r} is not a DNS-1035 label")
+            if tag in tags:
+                errors.append(f"{where}.tag: {tag!r} is used more than once")
+            tags.add(tag)
+        percent = target.get("percent", 0)
+        if not isinstance(percent, int) or not 0 <= percent <= 100:
+            errors.append(f"{where}.percent: {percent!r} is not an integer in 0..100")
+    total = sum(t.get("percent", 0) for t in targets if isinstance(t.get("percent", 0), int))
+    if total != 100:
+        errors.append(f"Traffic targets sum to {total}, want 100")
+    return errors
+
+
+def apply_traffic(
+    service: dict[str, Any], splits: Sequence[str] = (), tags: Sequence[str] = (), untags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """A copy of `service` with `spec.traffic` changed as `kn service update --traffic/--tag/--untag`."""
+    result = copy.deepcopy(service)
+    spec = result.setdefault("spec", {})
+    targets: list[Target] = spec.get("traffic") or [{"latestRevision": True, "percent": 100}]
+    name = result.get("metadata", {}).get("name", "")
+    latest_name = spec.get("template", {}).get("metadata", {}).get("name", "") or LATEST
+    tag_pairs = [_split_pair(item) for item in _flatten(tags)]
+    if sum(ref == LATEST for ref, _ in tag_pairs) > 1:
+        raise _repetition("--tag", LATEST)
+    parsed = _remainder(parse_splits(_flatten(splits)), targets, latest_name)
+
+    missing = []
+    for tag in _flatten(untags):
+        match = next((t for t in targets if t.get("tag") == tag), None)
+        if match is None:
+            missing.append(tag)
+        else:
+            del match["tag"]
+    if missing:
+        raise TrafficError(f"tag(s) {', '.join(missing)} not present for any revisions of service {name}")
+    for ref, tag in tag_pairs:
+        targets = _tag(targets, ref, tag)
+    if parsed:
+        for target in targets:
+            target["percent"] = 0
+        for ref, percent in parsed:
+            targets = _set_percent(targets, ref, percent)
+    kept = [t for t in targets if t.get("tag") or t.get("percent", 0) != 0]
+    spec["traffic"] = [{k: t[k] for k in FIELD_ORDER if k in t} for t in kept]
+    errors = check_traffic(spec["traffic"])
+    if errors:
+        raise TrafficError("; ".join(errors))
+    return result
+
+
+def service_file(directory: Path, service: str) -> Path:
+    """The committed Service file `<dir>/service-<name>.yaml`."""
+    return directory / f"service-{service}.yaml"
+
+
+def update_file(path: Path, splits: Sequence[str], tags: Sequence[str], untags: Sequence[str]) -> str:
+    """Apply a traffic change to a rendered Service file; return the new text (not written)."""
+    text = path.read_text()
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or doc.get("kind") != "Service":
+        raise TrafficError(f"{path}: not a Knative Service manifest")
+    updated = apply_traffic(doc, splits, tags, untags)
+    return replace_traffic(text, updated["spec"]["traffic"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("service", help="Service name (edits <dir>/service-<name>.yaml)")
+    parser.add_argument(
+        "splits", nargs="*", metavar="REF=PERCENT", help="like kn --traffic (REF: revision, tag, @latest)"
+    )
+    parser.add_argument(
+        "--tag", action="append", default=[], metavar="REF=TAG", help="like kn --tag (repeatable)"
+    )
+    parser.add_argument(
+        "--untag", action="append", default=[], metavar="TAG", help="like kn --untag (repeatable)"
+    )
+    parser.add_argument(
+        "--dir", type=Path, default=KNATIVE_DIR, help="folder of the Service files (default knative/)"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the new file instead of writing it")
+
+
+def run(args: argparse.Namespace) -> int:
+    path = service_file(args.dir, args.service)
+    if not path.exists():
+        print(f"onnxfn traffic: no file {path}", file=sys.stderr)
+        return 2
+    try:
+        text = update_file(path, args.splits, args.tag, args.untag)
+    except (TrafficError, ValueError) as exc:
+        print(f"onnxfn traffic: {exc}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
+        print(f"updated {path}")
+    return 0
