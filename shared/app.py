@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from flask import Flask, Response, request
 
-from shared.errors import FunctionError, InvalidEvent, PayloadTooLarge, status_of
+from shared.errors import FunctionError, InvalidEvent, PayloadTooLarge
 from shared.events import decode_http, encode_http
 from shared.oip import decode_request, encode_response, model_metadata
 from shared.pipeline import Pipeline
@@ -25,9 +25,17 @@ log = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 JSON = "application/json"
-REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Content Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def error_response(error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -63,7 +71,9 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
 
 def _headers(environ: dict[str, Any]) -> dict[str, str]:
     """Content-Type and every `ce-*` header, lower-cased, from the WSGI environ."""
-    headers = {key[5:].lower().replace("_", "-"): value for key, value in environ.items() if key[:8] == "HTTP_CE_"}
+    headers = {
+        key[5:].lower().replace("_", "-"): value for key, value in environ.items() if key[:8] == "HTTP_CE_"
+    }
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
         headers["content-type"] = content_type

@@ -83,7 +83,9 @@ class Settings:
             raise SettingsError("no function named: pass one or set ONNXFN_FUNCTION")
         providers = env.get(PREFIX + "PROVIDERS", "auto").lower()
         if providers not in PROVIDER_CHOICES:
-            raise SettingsError(f"ONNXFN_PROVIDERS={providers!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
+            raise SettingsError(
+                f"ONNXFN_PROVIDERS={providers!r}: choose one of {', '.join(PROVIDER_CHOICES)}"
+            )
         model_dir = env.get(PREFIX + "MODEL_DIR")
         cache_dir = env.get(PREFIX + "CACHE_DIR")
         return cls(

@@ -112,7 +112,9 @@ def load_handler(name: str) -> Handler:
 def function_names() -> list[str]:
     """Every function folder that has a `new()`."""
     root = Path(__file__).resolve().parent.parent / "functions"
-    return sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_"))
+    return sorted(
+        p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")
+    )
 
 
 def setup_handler(handler: Handler, model_dir: Path) -> None:

@@ -241,7 +241,11 @@ def now_rfc3339() -> str:
 
 
 def new_event(
-    type_: str, source: str, data: Any, extensions: Mapping[str, Any] | None = None, subject: str | None = None
+    type_: str,
+    source: str,
+    data: Any,
+    extensions: Mapping[str, Any] | None = None,
+    subject: str | None = None,
 ) -> Event:
     """A fresh event with a new id, the current time and JSON data."""
     attributes: dict[str, Any] = {

@@ -32,36 +32,60 @@ class Metrics:
         r = self.registry
         self.function = function
         self._requests = Counter(
-            "onnxfn_requests", "HTTP requests by function, route and status", ["function", "route", "status"],
+            "onnxfn_requests",
+            "HTTP requests by function, route and status",
+            ["function", "route", "status"],
             registry=r,
         )
         self._events = Counter(
-            "onnxfn_events", "CloudEvents handled by function and outcome", ["function", "outcome"], registry=r
+            "onnxfn_events",
+            "CloudEvents handled by function and outcome",
+            ["function", "outcome"],
+            registry=r,
         )
         latency = Histogram(
-            "onnxfn_request_seconds", "End-to-end request latency in the server", ["function"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "onnxfn_request_seconds",
+            "End-to-end request latency in the server",
+            ["function"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         queue = Histogram(
-            "onnxfn_queue_seconds", "Time an item waited for its batch", ["function"],
-            buckets=LATENCY_BUCKETS, registry=r,
+            "onnxfn_queue_seconds",
+            "Time an item waited for its batch",
+            ["function"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         compute = Histogram(
-            "onnxfn_compute_seconds", "Model run time per batch", ["function"], buckets=LATENCY_BUCKETS, registry=r
+            "onnxfn_compute_seconds",
+            "Model run time per batch",
+            ["function"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         batch = Histogram(
             "onnxfn_batch_size", "Rows per model run", ["function"], buckets=BATCH_BUCKETS, registry=r
         )
         inflight = Gauge(
-            "onnxfn_inflight_requests", "Requests being handled", ["function"], registry=r,
+            "onnxfn_inflight_requests",
+            "Requests being handled",
+            ["function"],
+            registry=r,
             multiprocess_mode="livesum",
         )
         load = Histogram(
-            "onnxfn_model_load_seconds", "Model load time per worker", ["function"], buckets=SETUP_BUCKETS,
+            "onnxfn_model_load_seconds",
+            "Model load time per worker",
+            ["function"],
+            buckets=SETUP_BUCKETS,
             registry=r,
         )
         warmup = Histogram(
-            "onnxfn_model_warmup_seconds", "Warm-up time per worker", ["function"], buckets=SETUP_BUCKETS,
+            "onnxfn_model_warmup_seconds",
+            "Warm-up time per worker",
+            ["function"],
+            buckets=SETUP_BUCKETS,
             registry=r,
         )
         self.latency = latency.labels(function)

@@ -121,7 +121,10 @@ class OnnxModel:
                 cache_dir.mkdir(parents=True, exist_ok=True)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 # Written by onnxruntime at session creation; renamed into place so readers never see half.
-                self._pending_cache: tuple[Path, Path] | None = (cached.with_suffix(f".{os.getpid()}.tmp"), cached)
+                self._pending_cache: tuple[Path, Path] | None = (
+                    cached.with_suffix(f".{os.getpid()}.tmp"),
+                    cached,
+                )
                 options.optimized_model_filepath = str(self._pending_cache[0])
         else:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

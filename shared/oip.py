@@ -26,9 +26,14 @@ NUMPY_TO_OIP = {dtype: name for name, dtype in OIP_TO_NUMPY.items()}
 
 def model_metadata(name: str, version: str, model: OnnxModel | None) -> dict[str, Any]:
     """`GET /v2/models/<name>` body."""
+
     def tensors(specs: list[Any]) -> list[dict[str, Any]]:
         return [
-            {"name": s.name, "datatype": NUMPY_TO_OIP.get(s.dtype, "BYTES"), "shape": [d or -1 for d in s.shape]}
+            {
+                "name": s.name,
+                "datatype": NUMPY_TO_OIP.get(s.dtype, "BYTES"),
+                "shape": [d or -1 for d in s.shape],
+            }
             for s in specs
         ]
 

@@ -86,6 +86,7 @@ class Pipeline:
 
     def start(self, background: bool = True) -> None:
         """Load the model and warm up, then mark ready (in a thread unless `background` is False)."""
+        self.timings["started_at"] = time.time()
         if background:
             threading.Thread(target=self._load, name="onnxfn-load", daemon=True).start()
         else:
@@ -120,13 +121,16 @@ class Pipeline:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("function %s failed to load: %s", self.config.name, self.load_error)
             return
-        self.timings = {"model_load_s": t1 - t0, "warmup_s": t2 - t1}
+        self.timings.update(model_load_s=t1 - t0, warmup_s=t2 - t1, ready_at=time.time())
         self.metrics.model_load.observe(t1 - t0)
         self.metrics.warmup.observe(t2 - t1)
         self._ready.set()
         log.info(
             "function %s ready: load %.3f s, warm-up %.3f s, providers %s",
-            self.config.name, t1 - t0, t2 - t1, self.model.providers if self.model else "none",
+            self.config.name,
+            t1 - t0,
+            t2 - t1,
+            self.model.providers if self.model else "none",
         )
 
     def _warm_up(self) -> None:
@@ -174,7 +178,9 @@ class Pipeline:
             exc.event_id = event.id
             raise
         except Exception as exc:
-            raise InvalidInput([f"could not read event data: {type(exc).__name__}: {exc}"], event.id) from None
+            raise InvalidInput(
+                [f"could not read event data: {type(exc).__name__}: {exc}"], event.id
+            ) from None
 
     def _finish(self, event: Event, outputs: Feeds) -> Event:
         row = {name: value[0] for name, value in outputs.items()}
@@ -182,7 +188,9 @@ class Pipeline:
             out = self.handler.postprocess(row, event.data)
         except Exception as exc:
             log.exception("postprocess failed for event %s", event.id)
-            raise InferenceFailed(f"postprocess failed: {type(exc).__name__}: {exc}", event_id=event.id) from None
+            raise InferenceFailed(
+                f"postprocess failed: {type(exc).__name__}: {exc}", event_id=event.id
+            ) from None
         type_ = self.config.result_type
         if isinstance(out, Result):
             type_ = out.type or type_
@@ -228,7 +236,9 @@ class Pipeline:
     def error_event(self, event: Event, error: FunctionError) -> Event:
         """An error event answering `event`: the reason travels with the stream."""
         data = {"status": error.status, **error.to_json()}
-        return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision)
+        return result_event(
+            event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision
+        )
 
     def infer_tensors(self, feeds: Feeds) -> Feeds:
         """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""

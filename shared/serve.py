@@ -90,15 +90,20 @@ def serve(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
 
     def post_fork(server: Any, worker: Any) -> None:
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+        )
 
     def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
 
     class FunctionServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
-            for key, value in {**gunicorn_options(settings), "post_fork": post_fork,
-                               "child_exit": child_exit}.items():
+            for key, value in {
+                **gunicorn_options(settings),
+                "post_fork": post_fork,
+                "child_exit": child_exit,
+            }.items():
                 self.cfg.set(key, value)
 
         def load(self) -> Any:

@@ -1,0 +1,1 @@
+"""Benchmarks: every hot path has a command that prints figures (`onnxfn bench`)."""

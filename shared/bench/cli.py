@@ -1,0 +1,46 @@
+"""`onnxfn bench`: in one run, for `digits` and `embed`: raw in-process onnxruntime (the limit), the
+plain Flask + gunicorn baseline, the function over HTTP with binary-mode CloudEvents at concurrency
+1, 8 and 32, batched CloudEvents (64 events a request) for digits, and the cold start. Prints a table
+of figures and ratios from this one run and writes JSON. `onnxfn bench events` runs the event-plane
+benchmark instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "what",
+        nargs="?",
+        default="functions",
+        choices=["functions", "events"],
+        help="functions (default) or events (the event plane, end to end)",
+    )
+    parser.add_argument("--functions", default="digits,embed", help="comma-separated functions")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load phase")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "events":
+        from importlib import import_module
+
+        events = import_module("shared.eventing.bench")
+        code: int = events.main([])
+        return code
+    from shared.bench.functions import bench_function, print_report
+
+    report = {}
+    for name in args.functions.split(","):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        report[name] = bench_function(name, args.duration)
+    print_report(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {args.out}")
+    return 0

@@ -1,0 +1,266 @@
+"""Benchmark of one function: raw onnxruntime, plain baseline, the function (CE binary and batched), cold start."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import orjson
+
+from shared.bench.loadgen import LoadResult, run_load
+from shared.config import PROJECT_ROOT, Settings, available_cores
+from shared.contract import load_handler, setup_handler
+from shared.process import FunctionProcess, free_port, http_get, rss_mb
+
+CONCURRENCIES = (1, 8, 32)
+BATCHED_EVENTS = 64
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def raw_onnxruntime(name: str) -> dict[str, Any]:
+    """In-process onnxruntime: batch-1 latency and the best rows/s over batch sizes (all cores)."""
+    import onnxruntime as ort
+
+    settings = Settings.from_env({}, function=name)
+    handler = load_handler(name)
+    setup_handler(handler, settings.model_dir)
+    assert handler.config.model_file is not None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = available_cores()
+    session = ort.InferenceSession(
+        str(settings.model_dir / handler.config.model_file), options, providers=["CPUExecutionProvider"]
+    )
+    one = handler.preprocess(handler.example())
+    latencies = []
+    for _ in range(200):
+        started = time.perf_counter()
+        session.run(None, one)
+        latencies.append(time.perf_counter() - started)
+    by_batch = {}
+    for batch in (1, 4, 8, 16, 32, 64, 128):
+        feeds = {k: np.repeat(v, batch, axis=0) for k, v in one.items()}
+        session.run(None, feeds)
+        runs, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 0.6:
+            session.run(None, feeds)
+            runs += 1
+        by_batch[batch] = runs * batch / (time.perf_counter() - started)
+    best = max(by_batch, key=lambda b: by_batch[b])
+    return {
+        "batch1_p50_ms": float(np.percentile(latencies, 50) * 1000),
+        "rows_per_s_by_batch": by_batch,
+        "best_batch": best,
+        "best_rows_per_s": by_batch[best],
+    }
+
+
+def _event_headers(name: str) -> dict[str, str]:
+    config = load_handler(name).config
+    return {
+        "ce-specversion": "1.0",
+        "ce-id": uuid.uuid4().hex,
+        "ce-source": "/bench",
+        "ce-type": config.accepts[0],
+        "Content-Type": "application/json",
+    }
+
+
+def _batch_body(name: str, data: Any, count: int) -> bytes:
+    config = load_handler(name).config
+    events = [
+        {
+            "specversion": "1.0",
+            "id": f"b{i}",
+            "source": "/bench",
+            "type": config.accepts[0],
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        for i in range(count)
+    ]
+    return orjson.dumps(events)
+
+
+def _batch_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the batch-size histogram across workers."""
+    _, body = http_get(url + "/metrics")
+    total = count = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("onnxfn_batch_size_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("onnxfn_batch_size_count"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def _phase(result: LoadResult, events_per_request: int = 1) -> dict[str, Any]:
+    return {
+        "req_per_s": result.rate,
+        "events_per_s": result.rate * events_per_request,
+        "p50_ms": result.percentile(50) * 1000,
+        "p99_ms": result.percentile(99) * 1000,
+        "ok": result.ok,
+        "statuses": result.statuses,
+        "errors": result.errors,
+    }
+
+
+def cold_start(name: str, headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    """Launch `onnxfn serve` and POST until the first 200; split the time using the server's timings."""
+    launched = time.time()
+    server = FunctionProcess(name, env={"ONNXFN_LOG_LEVEL": "warning"})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            result = run_load(
+                "127.0.0.1", server.port, "/", headers, body, concurrency=1, count=1, duration=2
+            )
+            if result.ok:
+                break
+            time.sleep(0.005)
+        replied = time.time()
+        _, ready_body = http_get(server.url + "/health/readiness")
+        timings = orjson.loads(ready_body) if ready_body else {}
+        return {
+            "first_reply_s": replied - launched,
+            "imports_and_boot_s": timings.get("started_at", launched) - launched,
+            "model_load_s": timings.get("model_load_s"),
+            "warmup_s": timings.get("warmup_s"),
+            "ready_to_reply_s": replied - timings.get("ready_at", replied),
+        }
+    finally:
+        server.stop()
+
+
+def bench_function(name: str, duration: float) -> dict[str, Any]:
+    handler = load_handler(name)
+    example = handler.example()
+    report: dict[str, Any] = {}
+    say("raw onnxruntime ...")
+    report["raw"] = raw_onnxruntime(name)
+
+    say("plain baseline (Flask + gunicorn, 2 sync workers, one session.run per request) ...")
+    port = free_port()
+    baseline = FunctionProcess(
+        name,
+        port=port,
+        env={"BASELINE_FUNCTION": name},
+        command=[
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-k",
+            "sync",
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
+            "shared.bench.baseline_app:create()",
+        ],
+    )
+    try:
+        baseline.wait_ready(path="/ready")
+        plain = orjson.dumps(example)
+        run_load(
+            "127.0.0.1", port, "/", {"Content-Type": "application/json"}, plain, concurrency=8, duration=0.5
+        )
+        report["baseline"] = {
+            f"c{c}": _phase(
+                run_load(
+                    "127.0.0.1",
+                    port,
+                    "/",
+                    {"Content-Type": "application/json"},
+                    plain,
+                    concurrency=c,
+                    duration=duration,
+                )
+            )
+            for c in (1, 32)
+        }
+    finally:
+        baseline.stop()
+
+    say("function (binary-mode CloudEvents) ...")
+    headers, body = _event_headers(name), orjson.dumps(example)
+    server = FunctionProcess(name, env={"ONNXFN_LOG_LEVEL": "warning"})
+    try:
+        server.wait_ready()
+        run_load("127.0.0.1", server.port, "/", headers, body, concurrency=8, duration=0.5)
+        report["function"] = {}
+        for c in CONCURRENCIES:
+            before = _batch_stats(server.url)
+            phase = _phase(
+                run_load("127.0.0.1", server.port, "/", headers, body, concurrency=c, duration=duration)
+            )
+            after = _batch_stats(server.url)
+            rows, runs = after[0] - before[0], after[1] - before[1]
+            phase["mean_batch"] = rows / runs if runs else 0.0
+            report["function"][f"c{c}"] = phase
+        if name == "digits":
+            say(f"function (batched CloudEvents, {BATCHED_EVENTS} events a request) ...")
+            batch_headers = {"Content-Type": "application/cloudevents-batch+json"}
+            batch_body = _batch_body(name, example, BATCHED_EVENTS)
+            report["function"]["batched"] = _phase(
+                run_load(
+                    "127.0.0.1", server.port, "/", batch_headers, batch_body, concurrency=4, duration=duration
+                ),
+                BATCHED_EVENTS,
+            )
+        report["worker_rss_mb"] = [rss_mb(pid) for pid in server.worker_pids()]
+    finally:
+        server.stop()
+
+    say("cold start ...")
+    report["cold_start"] = cold_start(name, headers, body)
+    report["ratios"] = ratios(report)
+    return report
+
+
+def ratios(report: dict[str, Any]) -> dict[str, float]:
+    fn, base, raw = report["function"], report["baseline"], report["raw"]
+    return {
+        "c32_vs_raw_limit": fn["c32"]["req_per_s"] / raw["best_rows_per_s"],
+        "c32_vs_baseline": fn["c32"]["req_per_s"] / max(base["c32"]["req_per_s"], 1e-9),
+        "c1_p50_minus_raw_batch1_ms": fn["c1"]["p50_ms"] - raw["batch1_p50_ms"],
+    }
+
+
+def print_report(report: dict[str, dict[str, Any]]) -> None:
+    for name, r in report.items():
+        raw = r["raw"]
+        print(
+            f"\n{name}: raw onnxruntime batch-1 p50 {raw['batch1_p50_ms']:.3f} ms, "
+            f"best {raw['best_rows_per_s']:.0f} rows/s at batch {raw['best_batch']}"
+        )
+        print(f"{'setup':<34}{'req/s':>10}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}  non-200")
+        rows = [(f"plain baseline c{c[1:]}", v) for c, v in r["baseline"].items()]
+        rows += [(f"function {k}", v) for k, v in r["function"].items()]
+        for label, v in rows:
+            bad = {k: n for k, n in v["statuses"].items() if k != 200}
+            print(
+                f"{label:<34}{v['req_per_s']:>10.0f}{v['events_per_s']:>10.0f}{v['p50_ms']:>9.2f}"
+                f"{v['p99_ms']:>9.2f}{v.get('mean_batch', 0):>7.1f}  {bad or ''}{' errors=' + str(v['errors']) if v['errors'] else ''}"
+            )
+        cold = r["cold_start"]
+        print(
+            f"cold start: first reply {cold['first_reply_s']:.3f} s = imports+boot {cold['imports_and_boot_s']:.3f}"
+            f" + load {cold['model_load_s'] or 0:.3f} + warm-up {cold['warmup_s'] or 0:.3f}"
+            f" + first request {cold['ready_to_reply_s']:.3f}"
+        )
+        print(f"worker RSS MB: {', '.join(f'{m:.0f}' for m in r['worker_rss_mb'])}")
+        print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in r["ratios"].items()))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("ONNXFN_MODEL_DIR", str(PROJECT_ROOT / "models"))
+    print_report({sys.argv[1]: bench_function(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 3.0)})

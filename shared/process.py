@@ -1,0 +1,112 @@
+"""Start and stop function servers as real processes (benchmarks, tests, the embedded platform)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET a URL; (status, body), status 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (OSError, urllib.error.URLError):
+        return 0, b""
+
+
+class FunctionProcess:
+    """`onnxfn serve NAME` on 127.0.0.1:PORT as a child process."""
+
+    def __init__(
+        self,
+        function: str,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        log: Path | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.function = function
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "PORT": str(self.port), "ONNXFN_HOST": "127.0.0.1", **(env or {})}
+        full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self._log: IO[bytes] | None = open(log, "wb") if log else None  # noqa: SIM115
+        argv = command or [sys.executable, "-m", "shared.cli", "serve", function]
+        self.started_at = time.time()
+        self.proc = subprocess.Popen(
+            argv,
+            env=full_env,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60.0, path: str = "/health/readiness") -> None:
+        """Block until readiness answers 200; raises with the reason if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.function} exited with code {self.proc.returncode} before ready")
+            status, _ = http_get(self.url + path, timeout=1.0)
+            if status == 200:
+                return
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.function} not ready within {timeout:.0f} s")
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of gunicorn's worker processes (children of the master)."""
+        try:
+            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        except OSError:
+            return []
+        return [int(pid) for pid in text.split()]
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for a graceful exit (SIGKILL after `timeout`); returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> FunctionProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (0 when it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
