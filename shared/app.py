@@ -71,9 +71,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes:
 
 def _headers(environ: dict[str, Any]) -> dict[str, str]:
     """Content-Type and every `ce-*` header, lower-cased, from the WSGI environ."""
-    headers = {
-        key[5:].lower().replace("_", "-"): value for key, value in environ.items() if key[:8] == "HTTP_CE_"
-    }
+    headers = {key[5:].lower().replace("_", "-"): value for key, value in environ.items() if key[:8] == "HTTP_CE_"}
     content_type = environ.get("CONTENT_TYPE")
     if content_type:
         headers["content-type"] = content_type

@@ -45,6 +45,17 @@ def _float(env: Mapping[str, str], name: str, default: float | None) -> float | 
     return value
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return None
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (true/false)")
+
+
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 
 
@@ -64,6 +75,7 @@ class Settings:
     workers: int | None = None
     threads: int | None = None
     intra_op_threads: int | None = None
+    intra_op_spinning: bool | None = None
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
     queue_capacity: int | None = None
@@ -83,9 +95,7 @@ class Settings:
             raise SettingsError("no function named: pass one or set ONNXFN_FUNCTION")
         providers = env.get(PREFIX + "PROVIDERS", "auto").lower()
         if providers not in PROVIDER_CHOICES:
-            raise SettingsError(
-                f"ONNXFN_PROVIDERS={providers!r}: choose one of {', '.join(PROVIDER_CHOICES)}"
-            )
+            raise SettingsError(f"ONNXFN_PROVIDERS={providers!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
         model_dir = env.get(PREFIX + "MODEL_DIR")
         cache_dir = env.get(PREFIX + "CACHE_DIR")
         return cls(
@@ -98,6 +108,7 @@ class Settings:
             workers=_int(env, PREFIX + "WORKERS", None, 1),
             threads=_int(env, PREFIX + "THREADS", None, 1),
             intra_op_threads=_int(env, PREFIX + "INTRA_OP_THREADS", None, 1),
+            intra_op_spinning=_bool(env, PREFIX + "INTRA_OP_SPINNING"),
             max_batch_size=_int(env, PREFIX + "MAX_BATCH_SIZE", None, 1),
             max_queue_delay_ms=_float(env, PREFIX + "MAX_QUEUE_DELAY_MS", None),
             queue_capacity=_int(env, PREFIX + "QUEUE_CAPACITY", None, 1),

@@ -98,13 +98,16 @@ class Handler(Protocol):
 
 
 def load_handler(name: str) -> Handler:
-    """Import `functions.<name>` and call its `new()`."""
-    if not name.isidentifier():
+    """Import `functions.<name>` (or a dotted module path such as `mypkg.myfunc`) and call its `new()`."""
+    if not all(part.isidentifier() for part in name.split(".")):
         raise ValueError(f"invalid function name {name!r}")
+    module_name = name if "." in name else f"functions.{name}"
     try:
-        module = importlib.import_module(f"functions.{name}")
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise ValueError(f"unknown function {name!r} (no package functions/{name})") from exc
+        if exc.name != module_name:
+            raise
+        raise ValueError(f"unknown function {name!r} (no module {module_name})") from None
     handler: Handler = module.new()
     return handler
 
@@ -112,9 +115,7 @@ def load_handler(name: str) -> Handler:
 def function_names() -> list[str]:
     """Every function folder that has a `new()`."""
     root = Path(__file__).resolve().parent.parent / "functions"
-    return sorted(
-        p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")
-    )
+    return sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_"))
 
 
 def setup_handler(handler: Handler, model_dir: Path) -> None:

@@ -203,9 +203,7 @@ def validate_manifest(doc: Any, crd_dir: Path) -> list[str]:
             known = ", ".join(f"{v} {k}" for v, k in known_kinds(crd_dir))
             return [f"{label}: no schema for apiVersion {api_version!r} kind {kind!r} (known: {known})"]
         schema = found
-    found_errors = sorted(
-        _Validator(schema).iter_errors(doc), key=lambda e: (list(map(str, e.path)), e.message)
-    )
+    found_errors = sorted(_Validator(schema).iter_errors(doc), key=lambda e: (list(map(str, e.path)), e.message))
     errors = [f"{label}: {_json_path(e.path)}: {e.message}" for e in found_errors]
     if isinstance(meta, Mapping) and not meta.get("name") and not meta.get("generateName"):
         errors.append(f"{label}: $.metadata: 'name' or 'generateName' is required")

@@ -267,9 +267,7 @@ def new_event(
     return Event(attributes, data)
 
 
-def result_event(
-    request: Event, type_: str, source: str, data: Any, model_version: str, revision: str
-) -> Event:
+def result_event(request: Event, type_: str, source: str, data: Any, model_version: str, revision: str) -> Event:
     """The reply to `request`: new id, result type, our source; subject, partitionkey and trace context
     carried over; `requestid`, `modelversion` and `revision` extensions."""
     attributes: dict[str, Any] = {

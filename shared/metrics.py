@@ -64,9 +64,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        batch = Histogram(
-            "onnxfn_batch_size", "Rows per model run", ["function"], buckets=BATCH_BUCKETS, registry=r
-        )
+        batch = Histogram("onnxfn_batch_size", "Rows per model run", ["function"], buckets=BATCH_BUCKETS, registry=r)
         inflight = Gauge(
             "onnxfn_inflight_requests",
             "Requests being handled",

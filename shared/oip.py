@@ -87,9 +87,7 @@ def decode_request(body: Any) -> tuple[dict[str, np.ndarray], str | None]:
     return feeds, request_id if isinstance(request_id, str) else None
 
 
-def encode_response(
-    name: str, version: str, outputs: dict[str, np.ndarray], request_id: str | None
-) -> dict[str, Any]:
+def encode_response(name: str, version: str, outputs: dict[str, np.ndarray], request_id: str | None) -> dict[str, Any]:
     """Model outputs -> an inference response body."""
     body: dict[str, Any] = {
         "model_name": name,

@@ -43,6 +43,7 @@ class Layout:
     workers: int
     threads: int
     intra_op_threads: int
+    spinning: bool
     max_batch_size: int
     max_queue_delay_s: float
     queue_capacity: int
@@ -56,6 +57,8 @@ class Layout:
             workers=workers,
             threads=settings.threads or config.threads,
             intra_op_threads=intra,
+            # Spinning threads steal the cores the HTTP threads need between runs: off unless asked.
+            spinning=bool(settings.intra_op_spinning),
             max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
             max_queue_delay_s=(config.batching.max_queue_delay_ms if delay_ms is None else delay_ms) / 1000,
             queue_capacity=settings.queue_capacity or config.batching.queue_capacity,
@@ -96,6 +99,13 @@ class Pipeline:
         return self._ready.wait(timeout)
 
     def _load(self) -> None:
+        """Load and warm up; on failure, say why in readiness and try again (a model volume may come late)."""
+        delay = 0.5
+        while not self._try_load():
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+    def _try_load(self) -> bool:
         try:
             t0 = time.perf_counter()
             setup_handler(self.handler, self.settings.model_dir)
@@ -104,7 +114,7 @@ class Pipeline:
                     self.settings.model_dir / self.config.model_file,
                     providers=self.settings.providers,
                     intra_op_threads=self.layout.intra_op_threads,
-                    spinning=self.layout.workers == 1,
+                    spinning=self.layout.spinning,
                     cache_dir=self.settings.cache_dir,
                 )
                 self.batcher = DynamicBatcher(
@@ -118,9 +128,11 @@ class Pipeline:
             self._warm_up()
             t2 = time.perf_counter()
         except Exception as exc:
+            if self.load_error is None:
+                log.error("function %s failed to load (will retry): %s: %s", self.config.name, type(exc).__name__, exc)
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.error("function %s failed to load: %s", self.config.name, self.load_error)
-            return
+            return False
+        self.load_error = None
         self.timings.update(model_load_s=t1 - t0, warmup_s=t2 - t1, ready_at=time.time())
         self.metrics.model_load.observe(t1 - t0)
         self.metrics.warmup.observe(t2 - t1)
@@ -132,6 +144,7 @@ class Pipeline:
             t2 - t1,
             self.model.providers if self.model else "none",
         )
+        return True
 
     def _warm_up(self) -> None:
         """Run the example at batch 1 and at the largest batch, so first requests pay no allocation."""
@@ -178,9 +191,7 @@ class Pipeline:
             exc.event_id = event.id
             raise
         except Exception as exc:
-            raise InvalidInput(
-                [f"could not read event data: {type(exc).__name__}: {exc}"], event.id
-            ) from None
+            raise InvalidInput([f"could not read event data: {type(exc).__name__}: {exc}"], event.id) from None
 
     def _finish(self, event: Event, outputs: Feeds) -> Event:
         row = {name: value[0] for name, value in outputs.items()}
@@ -188,9 +199,7 @@ class Pipeline:
             out = self.handler.postprocess(row, event.data)
         except Exception as exc:
             log.exception("postprocess failed for event %s", event.id)
-            raise InferenceFailed(
-                f"postprocess failed: {type(exc).__name__}: {exc}", event_id=event.id
-            ) from None
+            raise InferenceFailed(f"postprocess failed: {type(exc).__name__}: {exc}", event_id=event.id) from None
         type_ = self.config.result_type
         if isinstance(out, Result):
             type_ = out.type or type_
@@ -236,9 +245,7 @@ class Pipeline:
     def error_event(self, event: Event, error: FunctionError) -> Event:
         """An error event answering `event`: the reason travels with the stream."""
         data = {"status": error.status, **error.to_json()}
-        return result_event(
-            event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision
-        )
+        return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision)
 
     def infer_tensors(self, feeds: Feeds) -> Feeds:
         """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""

@@ -84,9 +84,7 @@ def plan(config: FunctionConfig, variant: Variant) -> Plan:
         raise ValueError(f"{config.name}: timeoutSeconds {timeout} > max-revision-timeout-seconds 600")
     graceful = request_s
     if graceful >= timeout - DRAIN_S:
-        raise ValueError(
-            f"{config.name}: graceful timeout {graceful} s is not under timeoutSeconds - {DRAIN_S}"
-        )
+        raise ValueError(f"{config.name}: graceful timeout {graceful} s is not under timeoutSeconds - {DRAIN_S}")
     headroom = (
         [
             "a full batch costs about as much as one item on a GPU, so pods run nearly",
@@ -194,9 +192,7 @@ def service(
         "resources": resources,
         # No periodSeconds: queue-proxy then probes every 50 ms, so a cold pod takes traffic at once.
         "readinessProbe": {"httpGet": {"path": "/health/readiness"}},
-        "startupProbe": _probe(
-            "/health/readiness", STARTUP_PERIOD_S, variant.startup_budget_s // STARTUP_PERIOD_S
-        ),
+        "startupProbe": _probe("/health/readiness", STARTUP_PERIOD_S, variant.startup_budget_s // STARTUP_PERIOD_S),
         "livenessProbe": _probe("/health/liveness", 10, 3),
         "securityContext": {
             "runAsNonRoot": True,
@@ -329,9 +325,7 @@ def config_patches() -> dict[str, str]:
         "config-features-patch.yaml": apply.format("config-features", "knative/config-features-patch.yaml")
         + "# nodeSelector, tolerations: GPU variants; tag header: `Knative-Serving-Tag: latest` canaries.\n"
         + dump(features),
-        "config-deployment-patch.yaml": apply.format(
-            "config-deployment", "knative/config-deployment-patch.yaml"
-        )
+        "config-deployment-patch.yaml": apply.format("config-deployment", "knative/config-deployment-patch.yaml")
         + "# Only with a GPU cluster-autoscaler: Pending pods do not mark the revision Unschedulable.\n"
         + dump(deployment),
     }
@@ -376,12 +370,8 @@ def _diff(files: Mapping[Path, str]) -> Iterator[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=KNATIVE_DIR, help="output folder (default: knative/)")
-    parser.add_argument(
-        "--image", default=IMAGE, help=f"image repository, tagged :gpu/:cpu (default {IMAGE})"
-    )
-    parser.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if committed files differ"
-    )
+    parser.add_argument("--image", default=IMAGE, help=f"image repository, tagged :gpu/:cpu (default {IMAGE})")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if committed files differ")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -90,9 +90,7 @@ def serve(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
 
     def post_fork(server: Any, worker: Any) -> None:
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
-        )
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
 
     def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)

@@ -65,9 +65,7 @@ def parse_splits(splits: Sequence[str]) -> list[tuple[str, int]]:
         try:
             percent = int(raw)
         except ValueError:
-            raise TrafficError(
-                f"error converting given {raw} to integer value for traffic distribution"
-            ) from None
+            raise TrafficError(f"error converting given {raw} to integer value for traffic distribution") from None
         if not 0 <= percent <= 100:
             raise TrafficError(f"invalid value for traffic percent {percent}, expected 0 <= percent <= 100")
         parsed.append((ref, percent))
@@ -78,9 +76,7 @@ def _is_latest(target: Target) -> bool:
     return bool(target.get("latestRevision", not target.get("revisionName")))
 
 
-def _remainder(
-    parsed: list[tuple[str, int]], targets: list[Target], latest_name: str
-) -> list[tuple[str, int]]:
+def _remainder(parsed: list[tuple[str, int]], targets: list[Target], latest_name: str) -> list[tuple[str, int]]:
     """kn `verifyInput` for a traffic-only update: where a sum under 100 goes."""
     total = sum(percent for _, percent in parsed)
     if total > 100:
@@ -89,9 +85,7 @@ def _remainder(
         return parsed
     missing = f"unable to allocate the remaining traffic: {100 - total}%. Reason: "
     if len(parsed) != len(targets) - 1:
-        raise TrafficError(
-            missing + "incorrect number of revisions specified. Only 1 revision should be missing"
-        )
+        raise TrafficError(missing + "incorrect number of revisions specified. Only 1 revision should be missing")
     refs = {ref for ref, _ in parsed}
     if LATEST in refs:
         refs.add(latest_name)
@@ -116,9 +110,7 @@ def _new_target(tag: str, revision: str, percent: int, latest: bool) -> Target:
 
 def _tag(targets: list[Target], ref: str, tag: str) -> list[Target]:
     """kn's `--tag` for one `ref=tag`; refuses to move an existing tag."""
-    overwrite = (
-        f"refusing to overwrite existing tag in service, add flag '--untag {tag}' in command to untag it"
-    )
+    overwrite = f"refusing to overwrite existing tag in service, add flag '--untag {tag}' in command to untag it"
     present = any(t.get("tag") == tag for t in targets)
     if ref == LATEST:
         existing = next((t.get("tag", "") for t in targets if _is_latest(t)), "")
@@ -249,15 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "splits", nargs="*", metavar="REF=PERCENT", help="like kn --traffic (REF: revision, tag, @latest)"
     )
-    parser.add_argument(
-        "--tag", action="append", default=[], metavar="REF=TAG", help="like kn --tag (repeatable)"
-    )
-    parser.add_argument(
-        "--untag", action="append", default=[], metavar="TAG", help="like kn --untag (repeatable)"
-    )
-    parser.add_argument(
-        "--dir", type=Path, default=KNATIVE_DIR, help="folder of the Service files (default knative/)"
-    )
+    parser.add_argument("--tag", action="append", default=[], metavar="REF=TAG", help="like kn --tag (repeatable)")
+    parser.add_argument("--untag", action="append", default=[], metavar="TAG", help="like kn --untag (repeatable)")
+    parser.add_argument("--dir", type=Path, default=KNATIVE_DIR, help="folder of the Service files (default knative/)")
     parser.add_argument("--dry-run", action="store_true", help="print the new file instead of writing it")
 
 

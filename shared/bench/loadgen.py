@@ -95,9 +95,7 @@ async def _run(
     budget = [count]
     started = time.perf_counter()
     deadline = started + duration
-    await asyncio.gather(
-        *(_worker(host, port, request, deadline, budget, result, expect) for _ in range(concurrency))
-    )
+    await asyncio.gather(*(_worker(host, port, request, deadline, budget, result, expect) for _ in range(concurrency)))
     result.elapsed = time.perf_counter() - started
     return result
 
