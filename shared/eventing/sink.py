@@ -1,0 +1,98 @@
+"""Writing events to Kafka topics: one shared producer, and KafkaSink / broker-topic targets.
+
+`KafkaWriter` owns a producer (acks=all, idempotent, so per-partition order is kept) and a thread
+that serves its delivery callbacks. `TopicTarget` is a KafkaSink (or the broker's own topic): it
+turns an event into a record in the sink's content mode, keyed by `partitionkey`, and reports the
+broker's acknowledgement through a callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.kafka_binding import Headers, to_record
+from shared.events import Event
+
+log = logging.getLogger(__name__)
+Acked = Callable[[Exception | None], None]
+
+
+class ProduceError(RuntimeError):
+    """The broker did not acknowledge a record."""
+
+
+class KafkaWriter:
+    """A producer shared by every target in the plane, with a callback-serving thread."""
+
+    def __init__(self, config: KafkaConfig, **extra: Any):
+        from confluent_kafka import Producer
+
+        self._producer = Producer(config.producer(**extra))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kafka-writer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
+        """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails."""
+
+        def report(err: Any, _msg: Any) -> None:
+            on_acked(None if err is None else ProduceError(f"{topic}: {err.str()}"))
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+                return
+            except BufferError:
+                time.sleep(0.005)  # queue full: the writer thread drains it
+
+    def flush(self, timeout_s: float = 10.0) -> int:
+        remaining: int = self._producer.flush(timeout_s)
+        return remaining
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        left = self.flush(timeout_s)
+        if left:
+            log.warning("%d record(s) not acknowledged at shutdown", left)
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+class TopicTarget:
+    """A KafkaSink (or the broker topic): events -> records on one topic."""
+
+    def __init__(self, writer: KafkaWriter, topic: str, content_mode: str = "binary", name: str = ""):
+        self.writer = writer
+        self.topic = topic
+        self.content_mode = content_mode
+        self.name = name or topic
+
+    def send(self, event: Event, on_acked: Acked) -> None:
+        key, value, headers = to_record(event, self.content_mode)
+        self.writer.produce(self.topic, key, value, headers, on_acked)
+
+    def send_and_wait(self, event: Event, timeout_s: float = 10.0) -> None:
+        """Produce and block until acknowledged; raises ProduceError (or TimeoutError)."""
+        done = threading.Event()
+        outcome: list[Exception | None] = []
+
+        def acked(err: Exception | None) -> None:
+            outcome.append(err)
+            done.set()
+
+        self.send(event, acked)
+        if not done.wait(timeout_s):
+            raise TimeoutError(f"{self.topic}: no acknowledgement within {timeout_s:.0f} s")
+        if outcome[0] is not None:
+            raise outcome[0]
+
+    def __repr__(self) -> str:
+        return f"TopicTarget({self.name!r} -> {self.topic!r}, {self.content_mode})"

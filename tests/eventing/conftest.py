@@ -1,0 +1,51 @@
+"""Fixtures: one embedded Tansu broker per session (or KAFKA_BOOTSTRAP_SERVERS), a plane factory."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.eventing import broker_process, spec
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.plane import EventPlane
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[KafkaConfig]:
+    existing = broker_process.from_env()
+    if existing is not None:
+        yield existing
+        return
+    broker = broker_process.EmbeddedBroker()
+    try:
+        yield broker.start()
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def ns() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def plane(kafka: KafkaConfig, tmp_path: Path) -> Iterator[Callable[[str], EventPlane]]:
+    """`plane(yaml_text)` loads the YAML (no Services) and starts an event plane on the broker."""
+    started: list[EventPlane] = []
+
+    def make(text: str) -> EventPlane:
+        directory = tmp_path / f"eventing-{len(started)}"
+        directory.mkdir()
+        (directory / "eventing.yaml").write_text(text)
+        loaded = spec.load(directory, services=())
+        event_plane = EventPlane(loaded, kafka, {})
+        event_plane.start()
+        started.append(event_plane)
+        return event_plane
+
+    yield make
+    for event_plane in started:
+        event_plane.stop()
