@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import dataclasses
 from pathlib import Path
 
@@ -30,12 +31,12 @@ def _config(**changes: object) -> FunctionConfig:
 
 
 def test_committed_knative_matches_render() -> None:
-    files = render.render_all(render.KNATIVE_DIR)
+    files = render.render_all(render.KNATIVE_DIR, func_path=render.FUNC_YAML)
     for path, text in files.items():
         assert path.exists(), f"{path} missing: run `onnxfn render`"
         assert path.read_text() == text, f"{path} differs from `onnxfn render`: run it and commit"
     committed = {p for p in render.KNATIVE_DIR.rglob("*.yaml")}
-    assert committed == set(files), "knative/ holds files render does not produce"
+    assert committed == set(files) - {render.FUNC_YAML}, "knative/ holds files render does not produce"
 
 
 def test_check_flags_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -116,5 +117,28 @@ def test_bad_revision_name_is_refused() -> None:
 
 
 def test_replace_traffic_requires_a_rendered_file() -> None:
-    with pytest.raises(ValueError, match="no spec.traffic"):
+    with pytest.raises(ValueError, match=r"no spec\.traffic"):
         render.replace_traffic("kind: Service\n", [])
+
+
+def test_func_yaml_follows_the_func_schema_facts() -> None:
+    """knative.md 5.1-5.3: required keys, name pattern, enums, scale/resources keys, no autoscaling annotations."""
+    doc = yaml.safe_load(render.FUNC_YAML.read_text())
+    assert {"specVersion", "created"} <= set(doc)
+    assert doc["specVersion"] == "0.36.0" and isinstance(doc["created"], datetime.datetime)
+    assert render.DNS_LABEL.match(doc["name"]) and doc["runtime"] == "python" and doc["invoke"] == "cloudevent"
+    deploy = doc["deploy"]
+    assert not any(k.startswith("autoscaling.knative.dev/") for k in deploy.get("annotations", {}))
+    scale = deploy["options"]["scale"]
+    assert set(scale) <= {"min", "max", "metric", "target", "utilization"}
+    assert scale["metric"] in ("concurrency", "rps") and scale["target"] >= 0.01 and 1 <= scale["utilization"] <= 100
+    assert 0 <= scale["min"] <= scale["max"]
+    resources = deploy["options"]["resources"]
+    assert set(resources["limits"]) <= {"cpu", "memory", "concurrency"}
+    assert set(resources["requests"]) <= {"cpu", "memory"}
+    envs = {e["name"]: e["value"] for e in doc["run"]["envs"]}
+    config = load_handler(doc["name"]).config
+    assert envs["ONNXFN_FUNCTION"] == doc["name"]
+    assert resources["limits"]["concurrency"] == int(envs["ONNXFN_WORKERS"]) * int(envs["ONNXFN_THREADS"])
+    assert (int(envs["ONNXFN_WORKERS"]), int(envs["ONNXFN_THREADS"])) == (config.workers, config.threads)
+    assert "created: 2026" in render.FUNC_YAML.read_text(), "created must be an unquoted timestamp"

@@ -102,7 +102,7 @@ def test_documented_commands_are_in_the_operations_guide() -> None:
 
 def test_rollback_during_canary() -> None:
     canary = apply_traffic(_svc(CANARY[0][1]), ["current=90", "candidate=10"])
-    back = apply_traffic(canary, ["current=100"] + ["candidate=0"])
+    back = apply_traffic(canary, ["current=100"])
     assert [(t.get("tag"), t["percent"]) for t in back["spec"]["traffic"]] == [
         ("current", 100),
         ("latest", 0),
@@ -163,9 +163,7 @@ def test_remainder_errors() -> None:
 
 
 def test_comma_lists_like_kn_string_slices() -> None:
-    assert apply_traffic(_svc(V1), ["current=60,@latest=40"]) == apply_traffic(
-        _svc(V1), ["current=60", "@latest=40"]
-    )
+    assert apply_traffic(_svc(V1), ["current=60,@latest=40"]) == apply_traffic(_svc(V1), ["current=60", "@latest=40"])
 
 
 def test_command_edits_only_the_traffic_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
