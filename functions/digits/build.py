@@ -75,10 +75,23 @@ def _network() -> Any:
 
 
 def _train(x_train: np.ndarray, y_train: np.ndarray) -> Any:
+    """Train deterministically (fixed seeds, one thread); the model in eval mode."""
+    import torch
+
+    torch.manual_seed(SEED)
+    # One thread: as fast for this small net, and steady when other processes share the cores.
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit(x_train, y_train)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _fit(x_train: np.ndarray, y_train: np.ndarray) -> Any:
     import torch
     from torch import nn
 
-    torch.manual_seed(SEED)
     model = _network()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=EPOCHS)
@@ -144,7 +157,7 @@ def build(model_dir: Path) -> dict[str, Any]:
         "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": ["batch", 10]}},
         "metrics": {"accuracy": accuracy},
         "held_out": {"size": len(y_test), "test_size": 0.25, "random_state": SEED, "stratify": True},
-        "train": {"size": len(y_train), "epochs": EPOCHS, "batch_size": BATCH_SIZE, "seed": SEED},
+        "train": {"size": len(y_train), "epochs": EPOCHS, "batch_size": BATCH_SIZE, "seed": SEED, "threads": 1},
         "model_bytes": model_path.stat().st_size,
         "build_seconds": round(time.perf_counter() - started, 2),
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

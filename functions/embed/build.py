@@ -125,9 +125,7 @@ def _min_cosine(model: Any, path: Path, ids: np.ndarray, mask: np.ndarray) -> fl
     (onnx_out,) = session.run([OUTPUT_NAME], {"input_ids": ids, "attention_mask": mask})
     with torch.no_grad():
         torch_out = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    cosine = (onnx_out * torch_out).sum(axis=1) / (
-        np.linalg.norm(onnx_out, axis=1) * np.linalg.norm(torch_out, axis=1)
-    )
+    cosine = (onnx_out * torch_out).sum(axis=1) / (np.linalg.norm(onnx_out, axis=1) * np.linalg.norm(torch_out, axis=1))
     return float(cosine.min())
 
 

@@ -26,9 +26,7 @@ def handler() -> DigitsHandler:
 @pytest.fixture(scope="module")
 def session(model_dir: Path, handler: DigitsHandler) -> ort.InferenceSession:
     assert handler.config.model_file is not None
-    return ort.InferenceSession(
-        str(model_dir / handler.config.model_file), providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(str(model_dir / handler.config.model_file), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +66,7 @@ def test_model_io(session: ort.InferenceSession, model_dir: Path) -> None:
     assert metadata["metrics"]["accuracy"] >= 0.97
 
 
-def test_held_out_accuracy_batched(
-    session: ort.InferenceSession, split: tuple[np.ndarray, np.ndarray]
-) -> None:
+def test_held_out_accuracy_batched(session: ort.InferenceSession, split: tuple[np.ndarray, np.ndarray]) -> None:
     x, y = split
     assert x.shape == (450, 1, 8, 8) and x.dtype == np.float32
     (probs,) = session.run(["probabilities"], {"image": x})
@@ -108,9 +104,7 @@ def test_example_is_a_held_out_image(
     assert run_one(session, handler, example)["label"] == int(y[0])
 
 
-def test_flat_and_rows_give_the_same_input(
-    handler: DigitsHandler, split: tuple[np.ndarray, np.ndarray]
-) -> None:
+def test_flat_and_rows_give_the_same_input(handler: DigitsHandler, split: tuple[np.ndarray, np.ndarray]) -> None:
     image = split[0][3, 0]
     rows = handler.preprocess({"image": image.tolist()})["image"]
     flat = handler.preprocess({"image": image.reshape(-1).tolist()})["image"]

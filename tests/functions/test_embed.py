@@ -41,9 +41,7 @@ def handler(model_dir: Path) -> EmbedHandler:
 @pytest.fixture(scope="module")
 def session(model_dir: Path, handler: EmbedHandler) -> ort.InferenceSession:
     assert handler.config.model_file is not None
-    return ort.InferenceSession(
-        str(model_dir / handler.config.model_file), providers=["CPUExecutionProvider"]
-    )
+    return ort.InferenceSession(str(model_dir / handler.config.model_file), providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +100,7 @@ def test_matches_pytorch(session: ort.InferenceSession, handler: EmbedHandler, r
     assert buckets == set(BUCKETS)
 
 
-def test_bucket_padding_does_not_change_the_embedding(
-    session: ort.InferenceSession, handler: EmbedHandler
-) -> None:
+def test_bucket_padding_does_not_change_the_embedding(session: ort.InferenceSession, handler: EmbedHandler) -> None:
     data = {"text": "Padding to a larger bucket must not move the embedding."}
     feeds = handler.preprocess(data)
     assert feeds["input_ids"].shape == (1, 16)
@@ -125,9 +121,7 @@ def test_batched_items_match_single_items(session: ort.InferenceSession, handler
         assert cosine(together[row], alone[0]) >= 0.9999
 
 
-def test_result_is_a_unit_vector_of_python_floats(
-    session: ort.InferenceSession, handler: EmbedHandler
-) -> None:
+def test_result_is_a_unit_vector_of_python_floats(session: ort.InferenceSession, handler: EmbedHandler) -> None:
     data = handler.example()
     feeds = handler.preprocess(data)
     (embedding,) = session.run(["embedding"], feeds)
