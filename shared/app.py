@@ -95,10 +95,8 @@ class CloudEventsEndpoint:
                     return [b'{"error":"MethodNotAllowed","message":"send CloudEvents with POST"}']
                 body = _read_body(environ, self.max_body_bytes)
                 mode, events = decode_http(_headers(environ), body)
-                if mode == "batch":
-                    replies = self.pipeline.process_batch(events)
-                else:
-                    replies = [self.pipeline.process(events[0])]
+                batch = mode == "batch"
+                replies = self.pipeline.process_batch(events) if batch else [self.pipeline.process(events[0])]
                 headers, payload = encode_http(mode, replies)
                 status = 200
                 response_headers = list(headers.items())

@@ -98,5 +98,5 @@ def status_of(error: BaseException) -> int:
     """HTTP status for an error, from the table."""
     for cls in type(error).__mro__:
         if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]  # type: ignore[index]
+            return ERROR_STATUS[cls]
     return 500

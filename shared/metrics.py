@@ -110,6 +110,6 @@ class Metrics:
         """Exposition text of every worker's samples, and its content type."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             merged = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(merged)
+            prom_multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
             return generate_latest(merged), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
+from shared.config import PROJECT_ROOT
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on right now."""
@@ -59,6 +61,7 @@ class FunctionProcess:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            cwd=PROJECT_ROOT,
         )
 
     def wait_ready(self, timeout: float = 60.0, path: str = "/health/readiness") -> None:

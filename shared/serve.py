@@ -93,7 +93,7 @@ def serve(settings: Settings) -> None:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
 
     def child_exit(server: Any, worker: Any) -> None:
-        multiprocess.mark_process_dead(worker.pid)
+        multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
     class FunctionServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:

@@ -243,9 +243,11 @@ def print_report(report: dict[str, dict[str, Any]]) -> None:
         rows += [(f"function {k}", v) for k, v in r["function"].items()]
         for label, v in rows:
             bad = {k: n for k, n in v["statuses"].items() if k != 200}
+            if v["errors"]:
+                bad["connection errors"] = v["errors"]
             print(
                 f"{label:<34}{v['req_per_s']:>10.0f}{v['events_per_s']:>10.0f}{v['p50_ms']:>9.2f}"
-                f"{v['p99_ms']:>9.2f}{v.get('mean_batch', 0):>7.1f}  {bad or ''}{' errors=' + str(v['errors']) if v['errors'] else ''}"
+                f"{v['p99_ms']:>9.2f}{v.get('mean_batch', 0):>7.1f}  {bad or ''}"
             )
         cold = r["cold_start"]
         print(
