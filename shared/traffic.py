@@ -1,6 +1,7 @@
 """Edit a committed Service's `spec.traffic` the way `kn service update` does, for GitOps.
 
     onnxfn traffic digits digits-v1=90 @latest=10 --tag @latest=candidate --untag old
+    onnxfn traffic digits --traffic current=90 --traffic candidate=10     # kn's spelling works too
 
 `apply_traffic` follows kn's traffic computation (knative/client `pkg/traffic/compute.go`, the
 flags in knative.md 4.3) for a traffic-only update (no new revision): `--untag` first, then
@@ -241,6 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "splits", nargs="*", metavar="REF=PERCENT", help="like kn --traffic (REF: revision, tag, @latest)"
     )
+    parser.add_argument(
+        "--traffic", action="append", default=[], metavar="REF=PERCENT", help="same as a positional split"
+    )
     parser.add_argument("--tag", action="append", default=[], metavar="REF=TAG", help="like kn --tag (repeatable)")
     parser.add_argument("--untag", action="append", default=[], metavar="TAG", help="like kn --untag (repeatable)")
     parser.add_argument("--dir", type=Path, default=KNATIVE_DIR, help="folder of the Service files (default knative/)")
@@ -253,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"onnxfn traffic: no file {path}", file=sys.stderr)
         return 2
     try:
-        text = update_file(path, args.splits, args.tag, args.untag)
+        text = update_file(path, [*args.splits, *args.traffic], args.tag, args.untag)
     except (TrafficError, ValueError) as exc:
         print(f"onnxfn traffic: {exc}", file=sys.stderr)
         return 1

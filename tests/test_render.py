@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import dataclasses
+import datetime
 from pathlib import Path
 
 import pytest

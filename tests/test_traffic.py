@@ -60,26 +60,20 @@ CANARY = [
         ],
     ),
     (
-        "kn service update digits --untag current --untag candidate --tag digits-v2=current --traffic digits-v2=100",
+        "kn service update digits --untag current --untag candidate"
+        " --tag digits-v1=previous --tag digits-v2=current --traffic current=100",
         [
-            {"tag": "latest", "latestRevision": True, "percent": 0},
-            {"tag": "current", "revisionName": "digits-v2", "latestRevision": False, "percent": 100},
-        ],
-    ),
-    (
-        "kn service update digits --tag digits-v1=previous",
-        [
-            {"tag": "latest", "latestRevision": True, "percent": 0},
-            {"tag": "current", "revisionName": "digits-v2", "latestRevision": False, "percent": 100},
             {"tag": "previous", "revisionName": "digits-v1", "latestRevision": False, "percent": 0},
+            {"tag": "latest", "latestRevision": True, "percent": 0},
+            {"tag": "current", "revisionName": "digits-v2", "latestRevision": False, "percent": 100},
         ],
     ),
     (
         "kn service update digits --traffic previous=100",
         [
+            {"tag": "previous", "revisionName": "digits-v1", "latestRevision": False, "percent": 100},
             {"tag": "latest", "latestRevision": True, "percent": 0},
             {"tag": "current", "revisionName": "digits-v2", "latestRevision": False, "percent": 0},
-            {"tag": "previous", "revisionName": "digits-v1", "latestRevision": False, "percent": 100},
         ],
     ),
 ]
@@ -95,14 +89,17 @@ def test_canary_walkthrough_matches_kn() -> None:
 
 def test_documented_commands_are_in_the_operations_guide() -> None:
     text = OPERATIONS.read_text()
-    for command, _ in CANARY:
+    for command in [c for c, _ in CANARY] + [ROLLBACK_DURING_CANARY]:
         assert command in text, f"docs/operations.md lacks `{command}`"
         assert command.replace("kn service update", "onnxfn traffic") in text
 
 
+ROLLBACK_DURING_CANARY = "kn service update digits --traffic current=100"
+
+
 def test_rollback_during_canary() -> None:
     canary = apply_traffic(_svc(CANARY[0][1]), ["current=90", "candidate=10"])
-    back = apply_traffic(canary, ["current=100"])
+    back = apply_traffic(canary, *_kn(ROLLBACK_DURING_CANARY))
     assert [(t.get("tag"), t["percent"]) for t in back["spec"]["traffic"]] == [
         ("current", 100),
         ("latest", 0),
@@ -171,7 +168,7 @@ def test_command_edits_only_the_traffic_block(tmp_path: Path, capsys: pytest.Cap
     path = tmp_path / "service-digits.yaml"
     before = path.read_text()
     args = argparse.Namespace(
-        service="digits", splits=[], tag=["digits-v2=candidate"], untag=[], dir=tmp_path, dry_run=False
+        service="digits", splits=[], traffic=[], tag=["digits-v2=candidate"], untag=[], dir=tmp_path, dry_run=False
     )
     assert traffic.run(args) == 0
     after = path.read_text()
@@ -183,3 +180,16 @@ def test_command_edits_only_the_traffic_block(tmp_path: Path, capsys: pytest.Cap
     assert path.read_text() == after
     missing = argparse.Namespace(**{**vars(args), "service": "nothing"})
     assert traffic.run(missing) == 2
+
+
+def test_cli_accepts_positional_and_kn_spelled_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shared.cli import main
+
+    render.run(argparse.Namespace(out=tmp_path, image=render.IMAGE, check=False))
+    capsys.readouterr()
+    argv = ["traffic", "digits", "current=90", "--traffic", "@latest=10", "--dry-run", "--dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["spec"]["traffic"] == [
+        {"tag": "current", "revisionName": "digits-v1", "latestRevision": False, "percent": 90},
+        {"tag": "latest", "latestRevision": True, "percent": 10},
+    ]
