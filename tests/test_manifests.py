@@ -36,6 +36,15 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return {item["name"]: item["value"] for item in container.get("env", [])}
 
 
+def _filtered_type(spec: dict[str, Any]) -> str | None:
+    """The exact `type` a Trigger matches: `filter.attributes.type` or a top-level `filters[].exact.type`."""
+    exact = (spec.get("filter") or {}).get("attributes", {}).get("type")
+    if exact is None:
+        types = [f["exact"]["type"] for f in spec.get("filters") or [] if "type" in f.get("exact", {})]
+        exact = types[0] if len(types) == 1 else None
+    return str(exact) if exact is not None else None
+
+
 def test_there_are_manifests() -> None:
     assert len(SERVICE_FILES) >= len(function_names()) >= 1
 
@@ -193,8 +202,8 @@ def test_trigger_subscribers_exist_and_filters_match_functions() -> None:
             if ref.get("kind") != "Service":
                 continue
             assert ref["name"] in services, f"{_rel(path)}: subscriber {ref['name']} has no knative/ Service"
-            wanted = (doc["spec"].get("filter") or {}).get("attributes", {}).get("type")
-            assert wanted is not None, f"{_rel(path)}: a function trigger must filter on type"
+            wanted = _filtered_type(doc["spec"])
+            assert wanted is not None, f"{_rel(path)}: a function trigger must filter on one exact type"
             assert accepts.get(wanted) == ref["name"], f"{_rel(path)}: {wanted} is not accepted by {ref['name']}"
             own = set(load_handler(ref["name"]).config.result_types)
             assert wanted not in own, f"{_rel(path)}: {ref['name']}'s results would loop back to it"
