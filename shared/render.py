@@ -50,11 +50,11 @@ class Variant:
 
     name: str
     gpu: bool
-    providers: str
-    utilization: int
-    cold_start_s: int
-    startup_budget_s: int
-    progress_deadline_s: int
+    providers: str  # ONNXFN_PROVIDERS
+    utilization: int  # target-utilization-percentage
+    cold_start_s: int  # allowance added to the request budget for timeoutSeconds
+    startup_budget_s: int  # startupProbe period x failureThreshold
+    progress_deadline_s: int  # serving.knative.dev/progress-deadline (> pull + startup)
 
 
 GPU = Variant("gpu", True, "cuda", 90, 90, 300, 900)
