@@ -59,12 +59,23 @@ def gpu_visible() -> bool:
     return Path("/dev/nvidia0").exists() or (gpus.is_dir() and any(gpus.iterdir()))
 
 
+def _preload_cuda_libraries() -> None:
+    """Load CUDA/cuDNN from the NVIDIA pip wheels when they are installed (onnxruntime-gpu >= 1.21)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # libraries may come from the system instead
+            log.info("onnxruntime.preload_dlls() did not load CUDA libraries: %s", exc)
+
+
 def choose_providers(requested: str) -> list[str]:
     """Execution providers for `requested` in auto|cpu|cuda|tensorrt; CPU always last."""
     available = set(ort.get_available_providers())
     providers: list[str] = []
     want_gpu = requested in ("cuda", "tensorrt") or (requested == "auto" and gpu_visible())
     if want_gpu and "CUDAExecutionProvider" in available:
+        _preload_cuda_libraries()
         tensorrt_ok = "TensorrtExecutionProvider" in available and ctypes.util.find_library("nvinfer")
         if requested == "tensorrt" or (requested == "auto" and tensorrt_ok):
             providers.append("TensorrtExecutionProvider")

@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--functions", default="digits,embed", help="comma-separated functions")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load phase")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
+    parser.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    parser.add_argument("--workers", type=int, help="gunicorn workers for the function (default: its config)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Flask baseline")
     parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
 
 
@@ -33,12 +37,19 @@ def run(args: argparse.Namespace) -> int:
         events = import_module("shared.eventing.bench")
         code: int = events.main([])
         return code
-    from shared.bench.functions import bench_function, print_report
+    from shared.bench.functions import BenchOptions, bench_function, print_report
 
+    options = BenchOptions(
+        duration=args.duration,
+        concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+        providers=args.providers,
+        baseline=not args.no_baseline,
+        server_env={"ONNXFN_WORKERS": str(args.workers)} if args.workers else {},
+    )
     report = {}
     for name in args.functions.split(","):
         print(f"== {name}", file=sys.stderr, flush=True)
-        report[name] = bench_function(name, args.duration)
+        report[name] = bench_function(name, options)
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
