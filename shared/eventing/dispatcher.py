@@ -169,6 +169,9 @@ class Dispatcher:
             deadline = time.monotonic() + getattr(self, "_drain_s", 5.0)
             while self.tracker.in_flight > 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
+            if self.tracker.in_flight > 0:
+                log.info("%s: stopping with %d record(s) not final; they will be delivered again",
+                         self.name, self.tracker.in_flight)  # fmt: skip
             self._commit(consumer, self.tracker.commit_points(), asynchronous=False)
         except BaseException as exc:
             self.failed = exc

@@ -146,7 +146,7 @@ def wrap_record(
         if raw is None:
             continue
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-        if name.lower() == "content-type":
+        if name.lower() == "content-type" and not text.lower().startswith("application/cloudevents"):
             content_type = text.lower()
             attributes["datacontenttype"] = content_type
         else:

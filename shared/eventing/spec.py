@@ -448,8 +448,9 @@ def _result_types(function: str) -> tuple[str, ...]:
         return ()
 
 
-def check_loops(spec: EventingSpec, result_types: Any = _result_types) -> None:
+def check_loops(spec: EventingSpec, result_types: Any = None) -> None:
     """Reject a function whose results reach it again through the broker's triggers."""
+    result_types = result_types or _result_types
     to_function = [
         (t, t.subscriber.ref.name)
         for t in spec.triggers

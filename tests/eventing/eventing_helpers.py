@@ -179,13 +179,24 @@ def produce(kafka: KafkaConfig, topic: str, events: Iterable[Event], mode: str =
     assert producer.flush(10) == 0
 
 
-def produce_raw(kafka: KafkaConfig, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[Any]]]) -> None:
+def produce_raw(
+    kafka: KafkaConfig, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[Any]]]
+) -> list[tuple[int, int]]:
+    """Produce plain records; returns their (partition, offset) in order."""
     from confluent_kafka import Producer
 
     producer = Producer(kafka.producer())
-    for key, value, headers in records:
-        producer.produce(topic, value=value, key=key, headers=headers)
+    records = list(records)
+    positions: list[tuple[int, int] | None] = [None] * len(records)
+    for index, (key, value, headers) in enumerate(records):
+
+        def report(err: Any, msg: Any, index: int = index) -> None:
+            assert err is None, err
+            positions[index] = (msg.partition(), msg.offset())
+
+        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
     assert producer.flush(10) == 0
+    return [p for p in positions if p is not None]
 
 
 def collect(
@@ -200,9 +211,7 @@ def collect(
     consumer = Consumer(kafka.consumer(f"collect-{uuid.uuid4().hex}", **{"enable.partition.eof": False}))
     topics = list(topics)
     meta = consumer.list_topics(timeout=10)
-    consumer.assign(
-        [TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions]
-    )
+    consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t in topics for p in meta.topics[t].partitions])
     seen: dict[str, list[Event]] = {t: [] for t in topics}
     deadline = time.monotonic() + timeout_s
     try:
