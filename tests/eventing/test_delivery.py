@@ -111,7 +111,7 @@ def test_filters_of_each_kind(plane: Plane, kafka: KafkaConfig, ns: str) -> None
                     "color": "blue",
                     "subject": "img-1",
                 }
-            ),  # fmt: skip
+            ),
             "g-green": Event({"specversion": "1.0", "id": "g-green", "source": "/y", "type": "g.c", "color": "green"}),
         }
         produce(kafka, f"{ns}.input", events.values())

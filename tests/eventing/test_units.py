@@ -183,5 +183,5 @@ def test_loop_through_two_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     (tmp_path / "e.yaml").write_text(text)
     results = {"a": ("a.result",), "b": ("a.request",)}
     monkeypatch.setattr(spec, "_result_types", lambda fn: results[fn])
-    with pytest.raises(spec.SpecError, match="loop: .*a answers a.result.*b answers a.request"):
+    with pytest.raises(spec.SpecError, match=r"loop: .*a answers a\.result.*b answers a\.request"):
         spec.load(tmp_path, services=("a", "b"))
