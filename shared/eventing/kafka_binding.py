@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +34,7 @@ from shared.events import (
 )
 
 Headers = list[tuple[str, str | bytes | None]]
-RawHeaders = Sequence[tuple[str, bytes | str | None]] | None
+RawHeaders = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None] | None
 KAFKA_EVENT_TYPE = "dev.knative.kafka.event"
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
@@ -68,9 +68,15 @@ def to_record(event: Event, mode: str = "binary") -> tuple[bytes | None, bytes |
     return key, data_bytes(event), headers
 
 
+def _pairs(headers: RawHeaders) -> list[tuple[str, bytes | str | None]]:
+    if headers is None:
+        return []
+    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+
+
 def _header_map(headers: RawHeaders) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for name, value in headers or ():
+    for name, value in _pairs(headers):
         if value is None:
             continue
         out[name.lower()] = value.encode() if isinstance(value, str) else value
@@ -142,7 +148,7 @@ def wrap_record(
         stamp = datetime.fromtimestamp(timestamp_ms / 1000, UTC)
         attributes["time"] = stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
     content_type: str | None = None
-    for name, raw in headers or ():
+    for name, raw in _pairs(headers):
         if raw is None:
             continue
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw

@@ -1,0 +1,124 @@
+"""`onnxfn publish`: CloudEvents to the broker ingress (HTTP) or straight to a Kafka topic.
+
+Events come from flags (one event) or from a JSON-lines file (`--file`, `-` for stdin): one JSON
+envelope per line (`type` and `data` at least; `id`, `source` and `specversion` are filled in).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from shared.eventing.cliutil import add_bootstrap, add_event_flags, event_from_dict, event_from_flags
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="broker ingress URL, e.g. http://127.0.0.1:8090/default/default")
+    target.add_argument("--topic", help="Kafka topic (Kafka binding, binary mode unless --mode structured)")
+    add_bootstrap(parser)
+    add_event_flags(parser, type_required=False)
+    parser.add_argument("--file", help="JSON-lines file of events ('-' = stdin)")
+    parser.add_argument("--mode", choices=("binary", "structured"), default="binary", help="content mode")
+
+
+def _events(args: argparse.Namespace) -> Iterator[Any]:
+    import orjson
+
+    if not args.file:
+        if not args.type:
+            raise SystemExit("publish: give --type (and --data) or --file")
+        yield event_from_flags(args)
+        return
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield event_from_dict(orjson.loads(line))
+                except Exception as exc:
+                    raise SystemExit(f"publish: {args.file}:{number}: {exc}") from None
+
+
+class _Progress:
+    """A progress line on stderr, at most ten times a second, for inputs over 100 events."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.clock = time.monotonic
+        self.start = self.last = self.clock()
+        self.sent = self.failed = 0
+
+    def tick(self, ok: bool) -> None:
+        self.sent += ok
+        self.failed += not ok
+        now = self.clock()
+        if self.sent + self.failed > 100 and now - self.last > 0.1:
+            self.last = now
+            rate = (self.sent + self.failed) / max(now - self.start, 1e-9)
+            print(f"\rpublished {self.sent}, failed {self.failed} ({rate:,.0f}/s)", end="", file=sys.stderr)
+
+    def done(self) -> None:
+        elapsed = self.clock() - self.start
+        print(f"\rpublished {self.sent}, failed {self.failed} in {elapsed:.2f} s", file=sys.stderr)
+
+
+def _to_ingress(url: str, events: Iterator[Any], mode: str, progress: _Progress) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    from shared.events import encode_http
+
+    parts = urlsplit(url)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80), timeout=30)
+    for event in events:
+        headers, body = encode_http(mode, [event])
+        conn.request("POST", parts.path or "/", body=body, headers=headers)
+        response = conn.getresponse()
+        payload = response.read()
+        if response.status != 202:
+            print(f"\n{event.id}: HTTP {response.status} {payload.decode(errors='replace')}", file=sys.stderr)
+        progress.tick(response.status == 202)
+
+
+def _to_topic(servers: str, topic: str, events: Iterator[Any], mode: str, progress: _Progress) -> None:
+    from confluent_kafka import Producer
+
+    from shared.eventing.cliutil import kafka_config
+    from shared.eventing.kafka_binding import to_record
+
+    producer = Producer(kafka_config(servers).producer(**{"linger.ms": 5}))
+
+    def report(err: Any, _msg: Any) -> None:
+        if err is not None:
+            print(f"\n{topic}: {err.str()}", file=sys.stderr)
+        progress.tick(err is None)
+
+    for event in events:
+        key, value, headers = to_record(event, mode)
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    producer.flush(30)
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = _Progress()
+    try:
+        if args.url:
+            _to_ingress(args.url, _events(args), args.mode, progress)
+        else:
+            _to_topic(args.bootstrap_servers, args.topic, _events(args), args.mode, progress)
+    except OSError as exc:
+        print(f"publish: {exc}", file=sys.stderr)
+        return 2
+    progress.done()
+    return 0 if progress.failed == 0 else 1

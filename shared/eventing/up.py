@@ -1,0 +1,199 @@
+"""`onnxfn up`: broker, event plane and functions on this machine, from `eventing/` (what `make run` does).
+
+It starts an embedded Tansu broker (or uses `--bootstrap-servers` / `KAFKA_BOOTSTRAP_SERVERS`), the
+functions the triggers deliver to (`onnxfn serve NAME` on free loopback ports), and the event plane;
+prints the broker ingress URL, the function URLs and the topics; publishes a sample stream
+(held-out digits images and a few sentences) to the input topic; prints results as they arrive on
+the KafkaSink topics; and serves until Ctrl-C or SIGTERM, then shuts everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.eventing.cliutil import add_bootstrap
+
+ROOT = Path(__file__).resolve().parents[2]
+SENTENCES = (
+    "Serverless functions scale to zero when no events arrive.",
+    "A Kafka broker keeps every event until its consumers have seen it.",
+    "The digits model reads an eight by eight image.",
+    "Triggers deliver each event to the function that wants it.",
+    "Dead letters keep the events nobody could process.",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--eventing", type=Path, default=ROOT / "eventing", help="folder of eventing YAML")
+    parser.add_argument("--knative", type=Path, default=ROOT / "knative", help="folder of Knative Services")
+    add_bootstrap(parser)
+    parser.add_argument("--ingress-port", type=int, default=8090, help="broker ingress port (0: any free port)")
+    parser.add_argument(
+        "--function-url", action="append", default=[], metavar="NAME=URL", help="use a running function"
+    )
+    parser.add_argument("--no-functions", action="store_true", help="start no functions (subscribers are URLs)")
+    parser.add_argument("--samples", type=int, default=20, help="digits images in the sample stream (0: none)")
+    parser.add_argument("--quiet", action="store_true", help="do not print results as they arrive")
+
+
+def sample_events(count: int) -> list[Any]:
+    """Held-out digits images (label in `expected`) and sentences, as request events."""
+    from shared.events import new_event
+
+    try:
+        from functions.digits.build import held_out_split
+
+        images, labels = held_out_split()
+        pairs = [(images[i].reshape(-1).astype(int).tolist(), int(labels[i])) for i in range(min(count, len(labels)))]
+    except ImportError:  # scikit-learn missing: the one image the digits handler ships
+        from functions.digits.func import EXAMPLE_IMAGE
+
+        pairs = [([v for row in EXAMPLE_IMAGE for v in row], 2)] * count
+    events = [
+        new_event("dev.onnxfn.digits.request", "/onnxfn/up", {"image": image}, {"partitionkey": f"img-{i}"})
+        for i, (image, _) in enumerate(pairs)
+    ]
+    for event, (_, label) in zip(events, pairs, strict=True):
+        event.attributes["expected"] = str(label)
+    events += [
+        new_event("dev.onnxfn.embed.request", "/onnxfn/up", {"text": text}, {"partitionkey": f"text-{i}"})
+        for i, text in enumerate(SENTENCES[: max(1, count // 4)] if count else ())
+    ]
+    return events
+
+
+def summary(event: Any) -> str:
+    """One short line per result event."""
+    data = event.data if isinstance(event.data, dict) else {}
+    extra = event.get("knativeerrorcode")
+    if extra:
+        return f"error {extra} from {event.get('knativeerrordest')}"
+    if "label" in data:
+        probs = data.get("probabilities") or []
+        top = max(probs) if probs else 0.0
+        return f"label {data['label']} (p={top:.3f})"
+    if "embedding" in data:
+        return f"embedding[{len(data['embedding'])}]"
+    keys = ", ".join(sorted(data)[:4])
+    return f"{{{keys}}}" if keys else ""
+
+
+class ResultPrinter:
+    """Prints every event arriving on the given topics (from their current end)."""
+
+    def __init__(self, kafka: Any, topics: list[str]):
+        import threading
+
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        self.consumer = Consumer(kafka.consumer("onnxfn-up-printer"))
+        meta = self.consumer.list_topics(timeout=10)
+        self.consumer.assign([TopicPartition(t, p, OFFSET_END) for t in topics for p in meta.topics[t].partitions])
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="result-printer", daemon=True)
+
+    def _run(self) -> None:
+        from shared.errors import FunctionError
+        from shared.eventing.kafka_binding import from_record
+
+        while not self.stopping.is_set():
+            for message in self.consumer.consume(100, 0.2):
+                if message.error() is not None:
+                    continue
+                try:
+                    event = from_record(message.headers(), message.value())
+                except FunctionError as exc:
+                    print(f"  {message.topic()}: (not a CloudEvent: {exc.message})", flush=True)
+                    continue
+                about = event.get("requestid") or event.id
+                print(f"  {message.topic():<26} {event.type:<30} {about[:12]:<12} {summary(event)}", flush=True)
+        self.consumer.close()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import tempfile
+    import threading
+
+    from shared.eventing import broker_process, spec
+    from shared.eventing.cliutil import kafka_config, parse_extensions
+    from shared.eventing.plane import EventPlane, PlaneOptions
+    from shared.eventing.processes import FunctionProcess, start_functions
+    from shared.eventing.sink import KafkaWriter, TopicTarget
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        loaded = spec.load(args.eventing, args.knative)
+    except spec.SpecError as exc:
+        print(f"up: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    broker = None
+    functions: dict[str, FunctionProcess] = {}
+    plane = None
+    printer = None
+    try:
+        if args.bootstrap_servers:
+            kafka = kafka_config(args.bootstrap_servers)
+        else:
+            broker = broker_process.EmbeddedBroker()
+            kafka = broker.start()
+        urls = parse_extensions(args.function_url)
+        if not args.no_functions:
+            wanted = [name for name in loaded.functions() if name not in urls]
+            log_dir = Path(tempfile.mkdtemp(prefix="onnxfn-up-"))
+            print(f"starting functions {', '.join(wanted)} (logs in {log_dir}) ...", flush=True)
+            functions = start_functions(wanted, log_dir)
+            urls.update({name: process.url for name, process in functions.items()})
+        plane = EventPlane(loaded, kafka, urls, PlaneOptions(ingress_port=args.ingress_port))
+        plane.start()
+        print(f"Kafka bootstrap servers: {kafka.bootstrap_servers}" + (" (embedded Tansu)" if broker else ""))
+        for b in loaded.brokers.values():
+            print(f"broker ingress:  {plane.ingress_url}{b.path}  (topic {b.topic})")
+        for name, url in sorted(urls.items()):
+            print(f"function {name:<12} {url}")
+        inputs = [t for s in loaded.sources for t in s.topics]
+        sinks = sorted(s.topic for s in loaded.sinks.values())
+        print(f"input topics:    {', '.join(inputs)}")
+        print(f"result topics:   {', '.join(sinks)}")
+        print("READY", flush=True)
+        if not args.quiet:
+            printer = ResultPrinter(kafka, sinks)
+            printer.start()
+        if args.samples and inputs:
+            events = sample_events(args.samples)
+            writer = KafkaWriter(kafka)
+            target = TopicTarget(writer, inputs[0])
+            for event in events:
+                target.send(event, lambda err: None if err is None else print(f"publish failed: {err}"))
+            writer.close()
+            print(f"published {len(events)} sample events to {inputs[0]}; results follow (Ctrl-C to stop)", flush=True)
+        stop.wait()
+        print("shutting down ...", flush=True)
+    except (RuntimeError, ValueError) as exc:
+        print(f"up: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if printer is not None:
+            printer.stop()
+        if plane is not None:
+            plane.stop()
+        for process in functions.values():
+            process.stop()
+        if broker is not None:
+            broker.stop()
+    return 0
