@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("shared.bench.cli", "benchmark functions against raw onnxruntime and a plain baseline"),
     "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),
     "traffic": ("shared.traffic", "edit a committed Service's traffic like `kn service update`"),
+    "up": ("shared.eventing.up", "broker, event plane and functions from eventing/ with a sample stream (make run)"),
+    "publish": ("shared.eventing.publish", "publish CloudEvents to the broker ingress or a Kafka topic"),
+    "results": ("shared.eventing.results", "print the CloudEvents on a result topic as JSON lines"),
+    "invoke": ("shared.eventing.invoke", "send one CloudEvent to a function over HTTP and print the reply"),
+    "bench-events": ("shared.eventing.bench", "event-path benchmark: raw broker, then digits end to end"),
 }
 
 
