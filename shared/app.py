@@ -118,7 +118,7 @@ class CloudEventsEndpoint:
 def create_flask_app(pipeline: Pipeline) -> Flask:
     """Health, Open Inference Protocol v2 and metrics routes."""
     app = Flask(f"onnxfn.{pipeline.config.name}")
-    name, version = pipeline.config.name, pipeline.config.model_version
+    name, version = pipeline.config.name, pipeline.model_version
 
     def json(body: Any, status: int = 200) -> Response:
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, mimetype=JSON)

@@ -36,12 +36,9 @@ def model_functions() -> list[str]:
 
 
 def is_built(model_dir: Path, name: str) -> bool:
-    """Whether function `name`'s model and its metadata are both present under `model_dir`."""
-    relative = model_file(name)
-    if relative is None:
-        return True
-    path = model_dir / relative
-    return path.is_file() and (path.parent / METADATA_FILE).is_file()
+    """Whether every model version of function `name` and its metadata are present under `model_dir`."""
+    paths = [model_dir / relative for relative in load_handler(name).config.model_versions.values()]
+    return all(path.is_file() and (path.parent / METADATA_FILE).is_file() for path in paths)
 
 
 @contextmanager

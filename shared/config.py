@@ -82,6 +82,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     graceful_timeout_s: int = 20
     log_level: str = "info"
+    model_version: str = ""
     k_service: str = ""
     k_revision: str = ""
     k_configuration: str = ""
@@ -115,6 +116,7 @@ class Settings:
             max_body_bytes=_int(env, PREFIX + "MAX_BODY_BYTES", 1 << 20, 1) or 1 << 20,
             graceful_timeout_s=_int(env, PREFIX + "GRACEFUL_TIMEOUT", 20, 0) or 0,
             log_level=env.get(PREFIX + "LOG_LEVEL", "info").lower(),
+            model_version=env.get(PREFIX + "MODEL_VERSION", ""),
             k_service=env.get("K_SERVICE", ""),
             k_revision=env.get("K_REVISION", ""),
             k_configuration=env.get("K_CONFIGURATION", ""),

@@ -60,6 +60,9 @@ class FunctionConfig:
     result_types: tuple[str, ...]
     model_file: str | None = None
     model_version: str = "1"
+    # Every servable model version -> its file (relative to the model directory); a revision picks one
+    # with ONNXFN_MODEL_VERSION. Default: just `{model_version: model_file}`.
+    model_versions: Mapping[str, str] = field(default_factory=dict, hash=False)
     batching: Batching = field(default_factory=Batching)
     scaling: Scaling = field(default_factory=Scaling)
     workers: int = 2
@@ -70,7 +73,22 @@ class FunctionConfig:
         """The default result type (the first declared)."""
         return self.result_types[0]
 
+    def model_file_for(self, version: str | None = None) -> str | None:
+        """The model file of `version` (default: `model_version`); ValueError for an unknown version."""
+        version = version or self.model_version
+        if self.model_file is None:
+            return None
+        if version not in self.model_versions:
+            known = ", ".join(sorted(self.model_versions))
+            raise ValueError(f"{self.name}: no model version {version!r} (known: {known})")
+        return self.model_versions[version]
+
     def __post_init__(self) -> None:
+        if self.model_file is not None:
+            versions = {self.model_version: self.model_file, **self.model_versions}
+            if versions[self.model_version] != self.model_file:
+                raise ValueError(f"{self.name}: model_versions[{self.model_version!r}] differs from model_file")
+            object.__setattr__(self, "model_versions", versions)
         overlap = set(self.accepts) & set(self.result_types)
         if overlap:
             raise ValueError(f"{self.name}: result type(s) {sorted(overlap)} equal a request type (loop)")

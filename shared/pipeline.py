@@ -75,7 +75,9 @@ class Pipeline:
         self.metrics = metrics
         self.layout = Layout.of(self.config, settings)
         self.source = f"/functions/{self.config.name}"
-        self.revision = settings.k_revision or f"{self.config.name}-v{self.config.model_version}"
+        self.model_version = settings.model_version or self.config.model_version
+        self.model_file = self.config.model_file_for(self.model_version)
+        self.revision = settings.k_revision or f"{self.config.name}-v{self.model_version}"
         self.model: OnnxModel | None = None
         self.batcher: DynamicBatcher | None = None
         self.load_error: str | None = None
@@ -109,9 +111,9 @@ class Pipeline:
         try:
             t0 = time.perf_counter()
             setup_handler(self.handler, self.settings.model_dir)
-            if self.config.model_file is not None:
+            if self.model_file is not None:
                 self.model = OnnxModel(
-                    self.settings.model_dir / self.config.model_file,
+                    self.settings.model_dir / self.model_file,
                     providers=self.settings.providers,
                     intra_op_threads=self.layout.intra_op_threads,
                     spinning=self.layout.spinning,
@@ -204,7 +206,7 @@ class Pipeline:
         if isinstance(out, Result):
             type_ = out.type or type_
             out = out.data
-        return result_event(event, type_, self.source, out, self.config.model_version, self.revision)
+        return result_event(event, type_, self.source, out, self.model_version, self.revision)
 
     def process(self, event: Event) -> Event:
         """One request event -> its result event. Raises FunctionError."""
@@ -245,7 +247,7 @@ class Pipeline:
     def error_event(self, event: Event, error: FunctionError) -> Event:
         """An error event answering `event`: the reason travels with the stream."""
         data = {"status": error.status, **error.to_json()}
-        return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.config.model_version, self.revision)
+        return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.model_version, self.revision)
 
     def infer_tensors(self, feeds: Feeds) -> Feeds:
         """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""
