@@ -124,7 +124,7 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
         return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, mimetype=JSON)
 
     def readiness() -> Response:
-        if pipeline.ready:
+        if pipeline.server_ready:
             return json({"status": "ready", "function": name, **pipeline.timings})
         error = pipeline.not_ready_error()
         response = json({"status": "not ready", "function": name, "reason": error.message}, 503)

@@ -81,6 +81,8 @@ class Settings:
     queue_capacity: int | None = None
     max_body_bytes: int = 1 << 20
     graceful_timeout_s: int = 20
+    ready_wait_s: float = 10.0
+    state_dir: Path | None = None
     log_level: str = "info"
     model_version: str = ""
     k_service: str = ""
@@ -115,6 +117,8 @@ class Settings:
             queue_capacity=_int(env, PREFIX + "QUEUE_CAPACITY", None, 1),
             max_body_bytes=_int(env, PREFIX + "MAX_BODY_BYTES", 1 << 20, 1) or 1 << 20,
             graceful_timeout_s=_int(env, PREFIX + "GRACEFUL_TIMEOUT", 20, 0) or 0,
+            ready_wait_s=_float(env, PREFIX + "READY_WAIT", 10.0) or 0.0,
+            state_dir=Path(env[PREFIX + "STATE_DIR"]) if env.get(PREFIX + "STATE_DIR") else None,
             log_level=env.get(PREFIX + "LOG_LEVEL", "info").lower(),
             model_version=env.get(PREFIX + "MODEL_VERSION", ""),
             k_service=env.get("K_SERVICE", ""),

@@ -30,6 +30,7 @@ from shared.errors import (
 from shared.events import Event, result_event
 from shared.metrics import Metrics
 from shared.model import OnnxModel
+from shared.readiness import WorkerReadiness
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class Pipeline:
         self.load_error: str | None = None
         self.timings: dict[str, float] = {}
         self._ready = threading.Event()
+        self.workers = WorkerReadiness(settings.state_dir, self.layout.workers)
 
     # -- life cycle ---------------------------------------------------------------------------------
     @property
@@ -139,6 +141,7 @@ class Pipeline:
         self.metrics.model_load.observe(t1 - t0)
         self.metrics.warmup.observe(t2 - t1)
         self._ready.set()
+        self.workers.mark_ready()
         log.info(
             "function %s ready: load %.3f s, warm-up %.3f s, providers %s",
             self.config.name,
@@ -160,9 +163,23 @@ class Pipeline:
         rows = self.layout.max_batch_size
         self.model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
 
+    def _await_ready(self) -> None:
+        """Hold a request that arrives while the model is still loading (bounded); 503 after that,
+        or at once when loading failed."""
+        if self.load_error is None and self._ready.wait(self.settings.ready_wait_s):
+            return
+        raise self.not_ready_error()
+
+    @property
+    def server_ready(self) -> bool:
+        """This worker and every other worker of the server have their model."""
+        return self._ready.is_set() and self.workers.all_ready()
+
     def not_ready_error(self) -> ModelNotReady:
         if self.load_error:
             return ModelNotReady(f"model failed to load: {self.load_error}")
+        if self._ready.is_set():
+            return ModelNotReady(f"{self.workers.count()} of {self.workers.expected} workers ready; retry shortly")
         return ModelNotReady("model is loading; retry shortly")
 
     # -- requests -----------------------------------------------------------------------------------
@@ -211,7 +228,7 @@ class Pipeline:
     def process(self, event: Event) -> Event:
         """One request event -> its result event. Raises FunctionError."""
         if not self._ready.is_set():
-            raise self.not_ready_error()
+            self._await_ready()
         feeds = self._preprocess(event)
         if self.batcher is None:
             return self._finish(event, feeds)
@@ -224,7 +241,7 @@ class Pipeline:
         lost; a retryable failure (429, 5xx) fails the whole request so the sender retries it.
         """
         if not self._ready.is_set():
-            raise self.not_ready_error()
+            self._await_ready()
         pending: list[Any] = []
         for event in events:
             try:
@@ -252,7 +269,7 @@ class Pipeline:
     def infer_tensors(self, feeds: Feeds) -> Feeds:
         """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""
         if not self._ready.is_set():
-            raise self.not_ready_error()
+            self._await_ready()
         if self.model is None or self.batcher is None:
             raise InvalidInput([f"function {self.config.name} has no model to infer with"])
         problems = self.model.check_feeds(feeds)

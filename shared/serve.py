@@ -10,13 +10,16 @@ within the graceful timeout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from shared.config import Settings
+from shared.readiness import WorkerReadiness
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +82,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 def serve(settings: Settings) -> None:
     """Run gunicorn in this process until it is told to stop."""
     prepare_metrics_dir()
+    state_dir = Path(tempfile.mkdtemp(prefix="onnxfn-state-"))
+    settings = dataclasses.replace(settings, state_dir=state_dir)
     # Heavy imports in the master: workers inherit them on fork instead of importing each.
     import numpy  # noqa: F401
     import onnxruntime  # noqa: F401
@@ -94,6 +99,10 @@ def serve(settings: Settings) -> None:
 
     def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+        WorkerReadiness.forget(state_dir, worker.pid)
+
+    def on_exit(server: Any) -> None:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
     class FunctionServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -101,6 +110,7 @@ def serve(settings: Settings) -> None:
                 **gunicorn_options(settings),
                 "post_fork": post_fork,
                 "child_exit": child_exit,
+                "on_exit": on_exit,
             }.items():
                 self.cfg.set(key, value)
 

@@ -259,8 +259,8 @@ def test_full_queue_gets_429_with_retry_after(model_dir: Path) -> None:
         assert "queue full" in response.json()["message"]
 
 
-def test_not_ready_until_model_arrives(model_dir: Path, tmp_path: Path) -> None:
-    env = {"ONNXFN_MODEL_DIR": str(tmp_path), "ONNXFN_WORKERS": "1"}
+def test_not_ready_until_model_arrives_in_every_worker(model_dir: Path, tmp_path: Path) -> None:
+    env = {"ONNXFN_MODEL_DIR": str(tmp_path), "ONNXFN_WORKERS": "2", "ONNXFN_READY_WAIT": "0"}
     with FunctionProcess("digits", env=env) as server:
         deadline = time.monotonic() + 20
         while requests_status(server.url + "/health/liveness") != 200:
@@ -274,9 +274,10 @@ def test_not_ready_until_model_arrives(model_dir: Path, tmp_path: Path) -> None:
         assert response.headers["Retry-After"] == "1"
         shutil.copytree(model_dir / "digits", tmp_path / "digits")
         server.wait_ready(timeout=30)
-        image = [0] * 64
-        ok = requests.post(server.url, data=orjson.dumps({"image": image}), headers=headers_of(), timeout=5)
-        assert ok.status_code == 200
+        # Ready means every worker has its model: no request may meet a loading worker now.
+        body = orjson.dumps({"image": [0] * 64})
+        result = run_load("127.0.0.1", server.port, "/", headers_of(), body, concurrency=8, count=400, duration=20)
+        assert result.statuses == {200: 400}
 
 
 def requests_status(url: str) -> int:
