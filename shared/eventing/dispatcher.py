@@ -27,6 +27,15 @@ Handler = Callable[[Any, Finish], None]
 COMMIT_INTERVAL_S = 0.05
 
 
+def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
+    """Wait up to `timeout_s` for one record, then take what is already fetched without waiting.
+    (`consume(n, timeout)` alone waits for n records or the whole timeout: latency on every hop.)"""
+    first = consumer.poll(timeout_s)
+    if first is None:
+        return []
+    return [first, *consumer.consume(num_messages=batch, timeout=0)]
+
+
 class Dispatcher:
     """One consumer group on `topics`; `handle(message, finish)` for every record."""
 
@@ -155,7 +164,7 @@ class Dispatcher:
                 elif paused and pending < self.max_pending // 2:
                     consumer.resume(consumer.assignment())
                     paused = False
-                for message in consumer.consume(num_messages=200, timeout=0.02 if paused else 0.05):
+                for message in take(consumer, 0.02 if paused else 0.05):
                     error = message.error()
                     if error is not None:
                         if error.code() != KafkaError._PARTITION_EOF:

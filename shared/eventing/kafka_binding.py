@@ -51,11 +51,25 @@ def record_key(event: Event) -> bytes | None:
     return None if key is None or key == "" else _text(key).encode()
 
 
+def materialize(event: Event) -> Event:
+    """Decode the data of a lazily read event (no-op otherwise)."""
+    if event.data is None and event._raw is not None:
+        content_type = event.datacontenttype
+        if content_type is None or is_json_content(content_type):
+            try:
+                event.data, event._raw = orjson.loads(event._raw), None
+            except orjson.JSONDecodeError:
+                event.data = event._raw
+        else:
+            event.data = event._raw
+    return event
+
+
 def to_record(event: Event, mode: str = "binary") -> tuple[bytes | None, bytes | None, Headers]:
     """Event -> (key, value, headers) in `binary` or `structured` content mode."""
     key = record_key(event)
     if mode == "structured":
-        value = orjson.dumps(to_structured_dict(event), option=orjson.OPT_SERIALIZE_NUMPY)
+        value = orjson.dumps(to_structured_dict(materialize(event)), option=orjson.OPT_SERIALIZE_NUMPY)
         return key, value, [("content-type", f"{STRUCTURED}; charset=utf-8".encode())]
     headers: Headers = [
         ("ce_" + name, _text(value).encode())
@@ -95,8 +109,11 @@ def is_structured(headers: RawHeaders) -> bool:
     return content_type.lower().startswith(b"application/cloudevents")
 
 
-def from_record(headers: RawHeaders, value: bytes | None) -> Event:
-    """Kafka record -> Event (binary or structured). Raises InvalidEvent with a clear message."""
+def from_record(headers: RawHeaders, value: bytes | None, lazy: bool = False) -> Event:
+    """Kafka record -> Event (binary or structured). Raises InvalidEvent with a clear message.
+
+    `lazy`: a binary-mode value is kept as raw bytes (`data` stays None) and decoded only when
+    needed (`materialize`), so that forwarding an event never parses its data."""
     hmap = _header_map(headers)
     content_type = _decode(hmap["content-type"], "content-type") if "content-type" in hmap else None
     if content_type and content_type.lower().startswith("application/cloudevents"):
@@ -114,6 +131,8 @@ def from_record(headers: RawHeaders, value: bytes | None) -> Event:
         attributes["datacontenttype"] = content_type
     check_attributes(attributes)
     body = value or b""
+    if lazy and body:
+        return Event(attributes, None, _raw=bytes(body))
     if content_type is None and body:
         # No datacontenttype: JSON when it parses, opaque bytes otherwise.
         try:

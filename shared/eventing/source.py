@@ -27,7 +27,7 @@ def record_event(spec: KafkaSourceSpec, message: Any) -> Event:
     headers = message.headers()
     if is_structured(headers) or any(name.lower().startswith("ce_") for name, _ in headers or ()):
         try:
-            return from_record(headers, message.value())
+            return from_record(headers, message.value(), lazy=True)
         except InvalidEvent as exc:
             log.warning(
                 "KafkaSource/%s: %s[%d]@%d is not a valid CloudEvent (%s); forwarded as %s",

@@ -31,7 +31,7 @@ class TriggerHandler:
 
     def __call__(self, message: Any, finish: Finish) -> None:
         try:
-            event = from_record(message.headers(), message.value())
+            event = from_record(message.headers(), message.value(), lazy=True)
         except InvalidEvent as exc:
             where = f"{message.topic()}[{message.partition()}]@{message.offset()}"
             log.error("%s: record %s is not a valid CloudEvent: %s", self.name, where, exc.message)

@@ -1,0 +1,246 @@
+"""`onnxfn bench-events`: the event path's throughput and latency, in one run.
+
+1. Raw broker: produce N records of 300 bytes to a fresh topic, then consume them (records/s each):
+   the ceiling for anything built on the broker.
+2. Pipeline: `onnxfn up` (event plane and functions, in their own processes) on the same broker; digits
+   request events (held-out images) produced on the input topic, latency measured from produce to
+   arrival on the digits result topic, first at a steady rate, then at full speed.
+
+Prints a table and writes JSON (`--json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.eventing.cliutil import add_bootstrap
+from shared.eventing.dispatcher import take
+
+RESULT_TOPIC = "onnxfn.digits.results"
+INPUT_TOPIC = "onnxfn.input"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_bootstrap(parser)
+    parser.add_argument("--raw-records", type=int, default=200_000, help="records for the raw broker test")
+    parser.add_argument("--rate", type=float, default=200.0, help="steady rate, events/s")
+    parser.add_argument("--steady-seconds", type=float, default=15.0, help="duration of the steady phase")
+    parser.add_argument("--burst", type=int, default=10_000, help="events in the full-speed phase")
+    parser.add_argument("--json", type=Path, default=Path("bench-events.json"), help="where to write results")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def raw_broker(kafka: Any, records: int) -> dict[str, float]:
+    """Produce then consume `records` 300-byte records on a fresh 4-partition topic."""
+    import uuid
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+    from shared.eventing.broker_process import ensure_topics
+
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka, {topic: (4, 1)})
+    producer = Producer(kafka.producer(**{"linger.ms": 5, "batch.num.messages": 10000}))
+    value = b"x" * 300
+    start = time.perf_counter()
+    for _ in range(records):
+        while True:
+            try:
+                producer.produce(topic, value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.flush(60)
+    produce_s = time.perf_counter() - start
+    consumer = Consumer(kafka.consumer(f"bench-raw-{uuid.uuid4().hex[:8]}"))
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(4)])
+    seen = 0
+    start = time.perf_counter()
+    deadline = start + 120
+    while seen < records and time.perf_counter() < deadline:
+        seen += sum(1 for m in consumer.consume(10000, 0.5) if m.error() is None)
+    consume_s = time.perf_counter() - start
+    consumer.close()
+    return {"records": records, "produce_per_s": records / produce_s, "consume_per_s": seen / consume_s}
+
+
+class Arrivals:
+    """Records the arrival time of each `requestid` on the result topic (from its current end)."""
+
+    def __init__(self, kafka: Any, topic: str):
+        import threading
+
+        from confluent_kafka import OFFSET_END, Consumer, TopicPartition
+
+        self.consumer = Consumer(kafka.consumer("bench-arrivals", **{"fetch.wait.max.ms": 5}))
+        meta = self.consumer.list_topics(topic, timeout=10)
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.topics[topic].partitions])
+        self.seen: dict[str, float] = {}
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            for message in take(self.consumer, 0.05):
+                if message.error() is not None:
+                    continue
+                now = time.perf_counter()
+                for name, value in message.headers() or ():
+                    if name == "ce_requestid" and isinstance(value, bytes):
+                        self.seen.setdefault(value.decode(), now)
+        self.consumer.close()
+
+    def wait_for(self, ids: list[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(i not in self.seen for i in ids):
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
+def _requests(count: int) -> list[tuple[str, bytes | None, bytes | None, Any]]:
+    """(id, key, value, headers) of `count` digits request records, cycling over held-out images."""
+    from shared.eventing.kafka_binding import to_record
+    from shared.eventing.up import sample_events
+
+    templates = [e for e in sample_events(450) if e.type == "dev.onnxfn.digits.request"]
+    out = []
+    for i in range(count):
+        template = templates[i % len(templates)]
+        attributes = {**template.attributes, "id": f"bench-{time.time_ns()}-{i}", "partitionkey": f"k{i % 64}"}
+        event = type(template)(attributes, template.data)
+        key, value, headers = to_record(event)
+        out.append((event.attributes["id"], key, value, headers))
+    return out
+
+
+def pipeline_phase(kafka: Any, arrivals: Arrivals, count: int, rate: float | None) -> dict[str, float]:
+    """Produce `count` digits requests (paced at `rate`/s, or as fast as possible) and measure them."""
+    from confluent_kafka import Producer
+
+    records = _requests(count)
+    producer = Producer(kafka.producer(**{"linger.ms": 0 if rate else 2}))
+    sent: dict[str, float] = {}
+    start = time.perf_counter()
+    for index, (event_id, key, value, headers) in enumerate(records):
+        if rate:
+            due = start + index / rate
+            while (now := time.perf_counter()) < due:
+                time.sleep(min(due - now, 0.002))
+                producer.poll(0)
+        while True:
+            try:
+                producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.005)
+        sent[event_id] = time.perf_counter()
+        producer.poll(0)
+    producer.flush(30)
+    ids = list(sent)
+    arrivals.wait_for(ids, timeout_s=60 + count / 200)
+    got = [i for i in ids if i in arrivals.seen]
+    latencies = [(arrivals.seen[i] - sent[i]) * 1000 for i in got]
+    last = max((arrivals.seen[i] for i in got), default=start)
+    return {
+        "events": count,
+        "arrived": len(got),
+        "offered_per_s": rate or count / max(time.perf_counter() - start, 1e-9),
+        "events_per_s": len(got) / max(last - start, 1e-9),
+        "p50_ms": _percentile(latencies, 50),
+        "p99_ms": _percentile(latencies, 99),
+        "max_ms": max(latencies, default=float("nan")),
+    }
+
+
+def _start_plane(servers: str) -> Any:
+    import subprocess
+
+    command = [sys.executable, "-m", "shared.cli", "up", "--bootstrap-servers", servers]
+    command += ["--samples", "0", "--quiet", "--ingress-port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.strip() == "READY":
+            return process
+    raise RuntimeError(f"onnxfn up exited with {process.wait()} before it was ready")
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+    import platform
+    import signal
+
+    import orjson
+
+    from shared.eventing import broker_process
+    from shared.eventing.cliutil import kafka_config
+
+    broker = None
+    plane = None
+    try:
+        if args.bootstrap_servers:
+            kafka = kafka_config(args.bootstrap_servers)
+        else:
+            broker = broker_process.EmbeddedBroker()
+            kafka = broker.start()
+        print(f"raw broker: {args.raw_records} records of 300 bytes ...", flush=True)
+        raw = raw_broker(kafka, args.raw_records)
+        print("starting the event plane and functions (onnxfn up) ...", flush=True)
+        plane = _start_plane(kafka.bootstrap_servers)
+        arrivals = Arrivals(kafka, RESULT_TOPIC)
+        pipeline_phase(kafka, arrivals, 300, None)  # warm-up: connections, batching, caches
+        steady_count = int(args.rate * args.steady_seconds)
+        print(f"steady: {steady_count} digits events at {args.rate:.0f}/s ...", flush=True)
+        steady = pipeline_phase(kafka, arrivals, steady_count, args.rate)
+        print(f"full speed: {args.burst} digits events ...", flush=True)
+        burst = pipeline_phase(kafka, arrivals, args.burst, None)
+        arrivals.stop()
+    finally:
+        if plane is not None:
+            plane.send_signal(signal.SIGTERM)
+            plane.wait(timeout=60)
+        if broker is not None:
+            broker.stop()
+    rows = [
+        ("raw broker produce", f"{raw['produce_per_s']:,.0f} records/s", "", ""),
+        ("raw broker consume", f"{raw['consume_per_s']:,.0f} records/s", "", ""),
+        (f"digits e2e @ {args.rate:.0f}/s", f"{steady['events_per_s']:,.0f} events/s",
+         f"{steady['p50_ms']:.1f} ms", f"{steady['p99_ms']:.1f} ms"),
+        ("digits e2e full speed", f"{burst['events_per_s']:,.0f} events/s",
+         f"{burst['p50_ms']:.1f} ms", f"{burst['p99_ms']:.1f} ms"),
+    ]  # fmt: skip
+    print(f"\n{'phase':<24} {'throughput':>20} {'p50':>10} {'p99':>10}")
+    for name, rate, p50, p99 in rows:
+        print(f"{name:<24} {rate:>20} {p50:>10} {p99:>10}")
+    lost = (steady["events"] - steady["arrived"]) + (burst["events"] - burst["arrived"])
+    targets = {
+        "throughput_ge_1000_per_s": burst["events_per_s"] >= 1000,
+        "p99_lt_50ms_at_200_per_s": steady["p99_ms"] < 50,
+        "nothing_lost": lost == 0,
+    }
+    print("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in targets.items()))
+    report = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "broker": "embedded Tansu" if broker else kafka.bootstrap_servers,
+        "raw": raw,
+        "steady": steady,
+        "full_speed": burst,
+        "targets": targets,
+    }
+    args.json.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"wrote {args.json}")
+    return 0
