@@ -1,0 +1,173 @@
+"""The whole pipeline: the repository's eventing YAML with the real functions, and the event plane
+killed mid-stream and restarted (as its own process) without losing an event."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from eventing_helpers import (
+    Subscriber,
+    collect,
+    ids_of,
+    produce,
+    reply_with,
+    request,
+    spec_yaml,
+    trigger_yaml,
+)
+
+from shared.eventing import spec
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.plane import EventPlane
+from shared.eventing.processes import FunctionProcess, start_functions
+from shared.events import Event
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = ROOT / "models"
+
+
+def _digits_images(count: int) -> list[tuple[list[int], int]]:
+    try:
+        from functions.digits.build import held_out_split
+
+        images, labels = held_out_split()
+        return [(images[i].reshape(-1).astype(int).tolist(), int(labels[i])) for i in range(count)]
+    except ImportError:
+        from functions.digits.func import EXAMPLE_IMAGE
+
+        return [([v for row in EXAMPLE_IMAGE for v in row], 2)]
+
+
+@pytest.fixture(scope="module")
+def functions(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, FunctionProcess]]:
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    processes = start_functions(["digits", "postprocess"], tmp_path_factory.mktemp("fn-logs"), timeout_s=120)
+    yield processes
+    for process in processes.values():
+        process.stop()
+
+
+def test_input_topic_to_result_topics_with_the_real_functions(
+    kafka: KafkaConfig, functions: dict[str, FunctionProcess]
+) -> None:
+    """The repository's eventing/ as is; `embed` is a stand-in subscriber (no sentences sent here)."""
+    stand_in = Subscriber(reply_with("dev.onnxfn.embed.result")).start()
+    loaded = spec.load(ROOT / "eventing", services=("digits", "embed", "postprocess"))
+    urls = {"digits": functions["digits"].url, "postprocess": functions["postprocess"].url, "embed": stand_in.url}
+    plane = EventPlane(loaded, kafka, urls)
+    plane.start()
+    try:
+        known = _digits_images(40)
+        events = [
+            request("dev.onnxfn.digits.request", {"image": image}, key=f"img-{i}", expected=str(label))
+            for i, (image, label) in enumerate(known)
+        ]
+        poison = request("dev.onnxfn.digits.request", {"image": [1] * 65})
+        produce(kafka, "onnxfn.input", [*events, poison])
+        want = {e.id for e in events}
+        topics = ["onnxfn.digits.results", "onnxfn.digits.decisions", "onnxfn.dead-letter"]
+
+        def done(seen: dict[str, list[Event]]) -> bool:
+            results = seen["onnxfn.digits.results"]
+            return (
+                want <= ids_of(results, "requestid")
+                and ids_of(results) <= ids_of(seen["onnxfn.digits.decisions"], "requestid")
+                and poison.id in ids_of(seen["onnxfn.dead-letter"])
+            )
+
+        seen = collect(kafka, topics, done, timeout_s=60)
+        results = {e.get("requestid"): e for e in seen["onnxfn.digits.results"]}
+        assert want <= set(results)
+        correct = sum(results[e.id].data["label"] == int(e.get("expected")) for e in events)
+        assert correct / len(events) >= 0.9
+        assert results[events[0].id].data["label"] == known[0][1]
+        assert all(len(r.data["probabilities"]) == 10 for r in results.values())
+        decisions = seen["onnxfn.digits.decisions"]
+        assert ids_of(seen["onnxfn.digits.results"]) <= ids_of(decisions, "requestid")
+        assert {d.type for d in decisions} <= {"dev.onnxfn.digits.accepted", "dev.onnxfn.digits.review"}
+        dead = {e.id: e for e in seen["onnxfn.dead-letter"]}
+        assert dead[poison.id].attributes["knativeerrorcode"] == "400"
+        assert dead[poison.id].attributes["knativeerrordest"] == functions["digits"].url
+        assert b"65" in base64.b64decode(dead[poison.id].attributes["knativeerrordata"])
+    finally:
+        plane.stop()
+        stand_in.stop()
+
+
+def _start_plane(directory: Path, kafka: KafkaConfig) -> subprocess.Popen[str]:
+    command = [sys.executable, "-m", "shared.cli", "up", "--eventing", str(directory), "--knative", str(directory)]
+    command += ["--bootstrap-servers", kafka.bootstrap_servers, "--no-functions", "--samples", "0", "--quiet"]
+    command += ["--ingress-port", "0"]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    ready = threading.Event()
+
+    def watch() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == "READY":
+                ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    if not ready.wait(30):
+        process.kill()
+        raise AssertionError("the event plane did not get ready")
+    return process
+
+
+def test_plane_killed_mid_stream_and_restarted_loses_nothing(kafka: KafkaConfig, ns: str, tmp_path: Path) -> None:
+    received = threading.Semaphore(0)
+    ok = reply_with("t.result")
+
+    def slow(event: Event, attempt: int) -> Any:
+        received.release()
+        time.sleep(0.004)
+        return ok(event, attempt)
+
+    sub = Subscriber(slow).start()
+    text = spec_yaml(
+        ns,
+        [
+            trigger_yaml("fn", "  filter: {attributes: {type: t.request}}", sub.url),
+            trigger_yaml("res", "  filter: {attributes: {type: t.result}}", "sink:results"),
+        ],
+    )
+    (tmp_path / "eventing.yaml").write_text(text)
+    first = _start_plane(tmp_path, kafka)
+    try:
+        events = [request("t.request", {"i": i}, key=str(i % 8)) for i in range(400)]
+        produce(kafka, f"{ns}.input", events)
+        deadline = time.monotonic() + 30
+        count = 0
+        while count < 100 and time.monotonic() < deadline:
+            count += received.acquire(timeout=0.5)
+        assert count >= 100
+        os.killpg(first.pid, signal.SIGKILL)  # mid-stream, no clean shutdown
+        first.wait(10)
+        assert len(set(sub.ids())) < 400, "the plane finished before it was killed"
+        second = _start_plane(tmp_path, kafka)
+        try:
+            want = {e.id for e in events}
+            seen = collect(
+                kafka, [f"{ns}.results", f"{ns}.dlq"], lambda s: want <= ids_of(s[f"{ns}.results"], "requestid"), 60
+            )
+            assert want <= ids_of(seen[f"{ns}.results"], "requestid")
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        sub.stop()
