@@ -128,8 +128,9 @@ def cold_start(name: str, headers: dict[str, str], body: bytes, env: dict[str, s
                 break
             time.sleep(0.005)
         replied = time.time()
+        server.wait_ready(timeout=30)  # the timings are in the readiness body once every worker is ready
         _, ready_body = http_get(server.url + "/health/readiness")
-        timings = orjson.loads(ready_body) if ready_body else {}
+        timings = orjson.loads(ready_body)
         return {
             "first_reply_s": replied - launched,
             "imports_and_boot_s": timings.get("started_at", launched) - launched,
@@ -227,6 +228,11 @@ def bench_function(name: str, options: BenchOptions) -> dict[str, Any]:
 
     say("cold start ...")
     report["cold_start"] = cold_start(name, headers, body, server_env)
+    # The limit is the best the machine showed: measure raw again at the end and keep the better run.
+    say("raw onnxruntime again ...")
+    again = raw_onnxruntime(name) if options.providers == "cpu" else raw_accelerated(name, options.providers)
+    if again["best_rows_per_s"] > report["raw"]["best_rows_per_s"]:
+        report["raw"] = again
     report["ratios"] = ratios(report)
     return report
 
