@@ -24,7 +24,8 @@ from shared.eventing.spec import Delivery, Destination, EventingSpec
 from shared.eventing.trigger import trigger_dispatcher
 
 log = logging.getLogger(__name__)
-SINK_CONCURRENCY = 1000
+# Records a dispatcher buffers before it pauses its partitions; HTTP concurrency is the sender's pool.
+MAX_PENDING = 2000
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,6 @@ class EventPlane:
         for trigger in self.spec.triggers:
             target = self._target(trigger.subscriber, trigger.delivery, trigger.namespace)
             http = isinstance(target, HttpSubscriber)
-            concurrency = self.options.concurrency if http else SINK_CONCURRENCY
             sender = Sender(
                 f"Trigger/{trigger.name}",
                 target,
@@ -115,7 +115,7 @@ class EventPlane:
             )
             self.senders[f"Trigger/{trigger.name}"] = sender
             broker = self.spec.brokers[f"{trigger.namespace}/{trigger.broker}"]
-            dispatcher = trigger_dispatcher(trigger, broker, self.kafka, sender, concurrency)
+            dispatcher = trigger_dispatcher(trigger, broker, self.kafka, sender, MAX_PENDING)
             # A Kafka topic keeps per-partition order by itself (idempotent producer), so only HTTP
             # subscribers need one-in-flight-per-partition.
             dispatcher.ordered = trigger.ordered and http
@@ -123,7 +123,6 @@ class EventPlane:
         for source in self.spec.sources:
             target = self._target(source.sink, source.delivery, source.namespace)
             http = isinstance(target, HttpSubscriber)
-            concurrency = self.options.concurrency if http else SINK_CONCURRENCY
             sender = Sender(
                 f"KafkaSource/{source.name}",
                 target,
@@ -132,7 +131,7 @@ class EventPlane:
                 concurrency=self.options.concurrency,
             )
             self.senders[f"KafkaSource/{source.name}"] = sender
-            dispatcher = source_dispatcher(source, self.kafka, sender, concurrency)
+            dispatcher = source_dispatcher(source, self.kafka, sender, MAX_PENDING)
             dispatcher.ordered = source.ordered and http
             self.dispatchers.append(dispatcher)
         for dispatcher in self.dispatchers:

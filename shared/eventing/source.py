@@ -59,7 +59,9 @@ class SourceHandler:
         self.sender.send(event, finish)
 
 
-def source_dispatcher(spec: KafkaSourceSpec, config: KafkaConfig, sender: Sender, concurrency: int = 50) -> Dispatcher:
+def source_dispatcher(
+    spec: KafkaSourceSpec, config: KafkaConfig, sender: Sender, max_pending: int = 2000
+) -> Dispatcher:
     """The consumer loop of one KafkaSource. `initialOffset` applies to partitions with no committed offset."""
     return Dispatcher(
         f"source-{spec.name}",
@@ -68,6 +70,6 @@ def source_dispatcher(spec: KafkaSourceSpec, config: KafkaConfig, sender: Sender
         list(spec.topics),
         SourceHandler(spec, sender),
         ordered=spec.ordered,
-        max_pending=concurrency if not spec.ordered else 10 * concurrency,
+        max_pending=max_pending,
         offset_reset=spec.initial_offset,
     )

@@ -56,7 +56,7 @@ class TriggerHandler:
 
 
 def trigger_dispatcher(
-    trigger: TriggerSpec, broker: BrokerSpec, config: KafkaConfig, sender: Sender, concurrency: int = 50
+    trigger: TriggerSpec, broker: BrokerSpec, config: KafkaConfig, sender: Sender, max_pending: int = 2000
 ) -> Dispatcher:
     """The consumer loop of one trigger on its broker's topic."""
     return Dispatcher(
@@ -66,5 +66,5 @@ def trigger_dispatcher(
         [broker.topic],
         TriggerHandler(trigger, sender),
         ordered=trigger.ordered,
-        max_pending=concurrency if not trigger.ordered else 10 * concurrency,
+        max_pending=max_pending,
     )
