@@ -53,6 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(404, f"no broker at {self.path}")
             return
         if length > self.server.max_body_bytes:
+            self._discard(length)
             self.close_connection = True
             self._answer(413, f"body of {length} bytes is over the {self.server.max_body_bytes}-byte limit")
             return
@@ -73,6 +74,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(503, f"the broker could not store the event: {exc}")
             return
         self._answer(202)
+
+    def _discard(self, length: int) -> None:
+        """Read and drop an oversized body (up to 16x the limit), so the client sees the 413, not a reset."""
+        left = min(length, 16 * self.server.max_body_bytes)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
 
     def _drain(self, length: int) -> None:
         if 0 < length <= self.server.max_body_bytes:
