@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knative", type=Path, default=PROJECT_ROOT / "knative", help="folder of Service files")
     parser.add_argument("--port", type=int, default=8080, help="gateway port (0: any free port)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--state-file", type=Path, default=default_state_file(), help="where to say the gateway URL")
     add_scaling_arguments(parser)
 
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         host=args.host,
         gateway_port=args.port,
         scaling=scaling_options(args),
-        state_file=default_state_file(),
+        state_file=args.state_file,
     )
     platform = Platform(options)
     platform.start()
