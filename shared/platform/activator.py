@@ -138,6 +138,9 @@ class Activator:
             except TimeoutError:
                 runtime.release(inst)
                 raise Unavailable(504, f"activator request timeout after {runtime.spec.timeout_s:.0f} s") from None
+            except BaseException:
+                runtime.release(inst)
+                raise
             last = attempt == MAX_ATTEMPTS - 1 or time.monotonic() + RETRY_DELAY_S >= deadline
             if response.status == 503 and response.retry_after and not last:
                 runtime.release(inst)

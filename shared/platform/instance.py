@@ -57,6 +57,7 @@ class Instance:
         self.idle: list[Connection] = []
         self.timings = StartTimings()
         self.drained = asyncio.Event()
+        self.spawned = asyncio.Event()  # set once spawn() has returned or failed
 
     def spawn(self) -> None:
         """Start the process (blocking: call it in an executor)."""
@@ -95,6 +96,8 @@ class Instance:
         """Probe until ready; StartFailed with the log's tail if the process exits or time runs out."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.draining:
+                raise StartFailed(f"{self.name} retired while starting")
             code = self.exited()
             if code is not None:
                 raise StartFailed(f"{self.name} exited with code {code} before ready: {self.log_tail()}")

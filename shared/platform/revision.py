@@ -208,9 +208,14 @@ class RevisionRuntime:
     async def _boot(self, inst: Instance) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, inst.spawn)
+            try:
+                await loop.run_in_executor(None, inst.spawn)
+            finally:
+                inst.spawned.set()
             await inst.wait_ready(self.options.start_timeout_s)
         except (StartFailed, OSError) as exc:
+            if inst.draining:  # retired while starting (idle, or shutting down): not a failure
+                return
             self.metrics.starts.labels(self.spec.service, self.spec.name, "failed").inc()
             self.start_error = str(exc)
             log.error("%s: %s", self.spec.name, exc)
@@ -245,6 +250,7 @@ class RevisionRuntime:
 
     async def _stop(self, inst: Instance) -> None:
         await inst.drained.wait()
+        await inst.spawned.wait()
         await asyncio.get_running_loop().run_in_executor(None, inst.stop)
         self.retiring.discard(inst)
         log.info("%s stopped", inst.name)

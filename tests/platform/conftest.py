@@ -16,11 +16,16 @@ def make_platform(model_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Pla
     """Start platforms on `tmp_path/knative` (write the Service file first); all stopped at the end."""
     started: list[Platform] = []
 
-    def make(idle_window_s: float = 30.0, **options: Any) -> Platform:
+    def make(
+        idle_window_s: float = 30.0, stable_window_s: float = 6.0, max_processes: int = 1, **options: Any
+    ) -> Platform:
+        scaling = ScalingOptions(
+            idle_window_s=idle_window_s, stable_window_s=stable_window_s, max_processes=max_processes
+        )
         platform = Platform(
             PlatformOptions(
                 knative_dir=tmp_path / "knative",
-                scaling=ScalingOptions(idle_window_s=idle_window_s, stable_window_s=6.0),
+                scaling=scaling,
                 log_dir=tmp_path / "logs",
                 env={"ONNXFN_MODEL_DIR": str(model_dir)},
                 **options,

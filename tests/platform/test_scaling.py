@@ -12,7 +12,7 @@ from pathlib import Path
 from platform_helpers import BODY, HEADERS, Client, revision, wait_for, write_service
 
 from shared.bench.loadgen import run_load
-from shared.platform import Platform
+from shared.platform import Platform, PlatformOptions
 from shared.process import http_get
 
 REV = "digits-v1-cpu"
@@ -138,3 +138,29 @@ def test_status_command_table_and_json(make_platform: Callable[..., Platform], k
     data = json.loads(subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60).stdout)
     (service,) = data["services"]
     assert service["revisions"][0]["last_cold_start"]["seconds"] > 0
+
+
+def test_scales_up_by_concurrency_target_then_down_after_stable_window(
+    make_platform: Callable[..., Platform], knative: Path
+) -> None:
+    """target 32 x 70 % = 22.4 in flight per process: 48 connections want 3, max-processes caps at 2."""
+    write_service(knative)
+    platform = make_platform(stable_window_s=1.0, max_processes=2, tick_s=0.05)
+    port = int(platform.url_for("digits").rsplit(":", 1)[1].strip("/"))
+    result = run_load("127.0.0.1", port, "/", HEADERS, BODY, concurrency=48, count=3000, duration=20)
+    assert result.ok == 3000 and result.errors == 0, result.statuses
+    _, body = http_get(platform.gateway_url + "metrics")
+    assert _metric(body.decode(), "onnxfn_platform_process_starts_total", revision=REV, outcome="ok") == 2
+    wait_for(lambda: revision(platform, REV)["ready"] == 1, 15, "back to one process after the stable window")
+
+
+def test_a_revision_that_cannot_start_answers_503_with_the_reason(knative: Path, tmp_path: Path) -> None:
+    write_service(knative)
+    options = PlatformOptions(knative_dir=knative, log_dir=tmp_path / "logs", env={"ONNXFN_WORKERS": "0"})
+    with Platform(options) as platform:
+        client = Client(platform.url_for("digits"))
+        started = time.monotonic()
+        assert client.post()[0] == 503
+        assert time.monotonic() - started < 20
+        assert "ONNXFN_WORKERS" in (revision(platform, REV)["start_error"] or "")
+        client.close()
