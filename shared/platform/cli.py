@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{service['name']:<12} {service['url']}", flush=True)
         for target in service["traffic"]:
             if target["tag"]:
-                print(f"  {target['tag']}-{service['name']:<12} {target['url']} -> {target['revision']}", flush=True)
+                label = f"{target['tag']}-{service['name']}"
+                print(f"  {label:<22} {target['url']} -> {target['revision']}", flush=True)
     print(f"process logs in {platform.log_dir}", flush=True)
     done.wait()
     platform.stop()
