@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="steady rate, events/s")
     parser.add_argument("--steady-seconds", type=float, default=15.0, help="duration of the steady phase")
     parser.add_argument("--burst", type=int, default=10_000, help="events in the full-speed phase")
-    parser.add_argument("--json", type=Path, default=Path("bench-results/bench-events.json"), help="where to write results")
+    parser.add_argument(
+        "--json", type=Path, default=Path("bench-results/bench-events.json"), help="where to write results"
+    )
 
 
 def _percentile(values: list[float], q: float) -> float:
