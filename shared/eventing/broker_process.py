@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.process import free_port as free_port  # re-exported (tests import it from here)
+
 log = logging.getLogger(__name__)
 ENV_PREFIX = "ONNXFN_KAFKA_"
 
@@ -72,13 +74,6 @@ def from_env(env: Mapping[str, str] | None = None) -> KafkaConfig | None:
     env = os.environ if env is None else env
     servers = env.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     return KafkaConfig(servers, client_settings(env)) if servers else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class EmbeddedBroker:

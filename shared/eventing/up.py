@@ -1,20 +1,26 @@
 """`onnxfn up`: broker, event plane and functions on this machine, from `eventing/` (what `make run` does).
 
 It starts an embedded Tansu broker (or uses `--bootstrap-servers` / `KAFKA_BOOTSTRAP_SERVERS`), the
-functions the triggers deliver to (`onnxfn serve NAME` on free loopback ports), and the event plane;
-prints the broker ingress URL, the function URLs and the topics; publishes a sample stream
-(held-out digits images and a few sentences) to the input topic; prints results as they arrive on
-the KafkaSink topics; and serves until Ctrl-C or SIGTERM, then shuts everything down.
+scale-to-zero platform (`shared.platform`: one activator URL per Knative Service the triggers deliver
+to, every function at zero until its first event) and the event plane; prints the broker ingress URL,
+the Service and tag URLs and the topics; publishes a sample stream (held-out digits images and a few
+sentences) to the input topic; prints results as they arrive on the KafkaSink topics, each cold start
+as it happens and each revision going back to zero after the idle window (`onnxfn status` shows the
+same); and serves until Ctrl-C or SIGTERM, then shuts everything down.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from shared.eventing.cliutil import add_bootstrap
+from shared.platform.cli import add_scaling_arguments
+from shared.platform.platform import default_state_file
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = (
@@ -34,7 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--function-url", action="append", default=[], metavar="NAME=URL", help="use a running function"
     )
-    parser.add_argument("--no-functions", action="store_true", help="start no functions (subscribers are URLs)")
+    parser.add_argument("--no-functions", action="store_true", help="no platform: every subscriber is a --function-url")
+    parser.add_argument(
+        "--gateway-port", type=int, default=0, help="platform gateway port (Host routing, /status; 0: any free port)"
+    )
+    parser.add_argument(
+        "--state-file", type=Path, default=default_state_file(), help="where to say the gateway URL (onnxfn status)"
+    )
+    add_scaling_arguments(parser)
     parser.add_argument("--samples", type=int, default=20, help="digits images in the sample stream (0: none)")
     parser.add_argument("--quiet", action="store_true", help="do not print results as they arrive")
 
@@ -81,6 +94,90 @@ def summary(event: Any) -> str:
     return f"{{{keys}}}" if keys else ""
 
 
+def cold_start_line(revision: str, cold: dict[str, Any]) -> str:
+    """`cold start digits-v1: 0.31 s (process 0.20, load 0.01, ...)` from a revision's `last_cold_start`."""
+    parts = cold.get("parts") or {}
+    named = (
+        ("process", "process_start"),
+        ("load", "model_load"),
+        ("warm-up", "warmup"),
+        ("ready probe", "ready_detect"),
+        ("first inference", "first_inference"),
+    )
+    detail = ", ".join(f"{label} {parts[key]:.2f}" for label, key in named if key in parts)
+    return f"cold start {revision}: {cold['seconds']:.2f} s ({detail})"
+
+
+class ScaleWatcher:
+    """Prints each revision's cold starts and returns to zero, polling the platform's status."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], interval_s: float = 0.5):
+        self.status = status
+        self.interval_s = interval_s
+        self.seen: dict[str, float] = {}  # revision -> time of the last cold start printed
+        self.running: set[str] = set()  # revisions with a process (ready, starting or stopping)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="scale-watcher", daemon=True)
+
+    def poll(self) -> list[str]:
+        """The lines for what changed since the last poll."""
+        lines = []
+        for service in self.status()["services"]:
+            for rev in service["revisions"]:
+                name = rev["revision"]
+                cold = rev.get("last_cold_start")
+                if cold and cold.get("at") != self.seen.get(name):
+                    self.seen[name] = cold["at"]
+                    self.running.add(name)  # even if it already went back to zero between two polls
+                    lines.append(cold_start_line(name, cold))
+                if rev.get("ready", 0) + rev.get("starting", 0) + rev.get("stopping", 0):
+                    self.running.add(name)
+                elif name in self.running:
+                    self.running.discard(name)
+                    idle = rev.get("idle_window_s")
+                    lines.append(f"{name} scaled to zero" + (f" (idle {idle:g} s)" if idle is not None else ""))
+        return lines
+
+    def _run(self) -> None:
+        while not self.stopping.wait(self.interval_s):
+            try:
+                lines = self.poll()
+            except Exception as exc:  # a missed poll must not end the watcher
+                lines = [f"(platform status unavailable: {exc!r})"]
+            for line in lines:
+                print(line, flush=True)
+
+    def start(self) -> ScaleWatcher:
+        self.poll()  # what is already there is not news
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=5)
+
+
+def print_urls(platform: Any, urls: dict[str, str]) -> None:
+    """Service URLs (and tag URLs) of the platform's functions, then the functions given as URLs."""
+    served = set()
+    if platform is not None:
+        print(f"platform gateway: {platform.gateway_url}  (Host routing; /metrics /status /healthz)")
+        for service in platform.status()["services"]:
+            served.add(service["name"])
+            split = ", ".join(f"{t['revision']} {t['percent']}%" for t in service["traffic"] if t["percent"])
+            procs = sum(r.get("ready", 0) + r.get("starting", 0) for r in service["revisions"])
+            scale = f"{procs} process{'es' if procs > 1 else ''} (min-scale)" if procs else "at zero"
+            print(f"function {service['name']:<12} {service['url']}  ({scale}; {split})")
+            for target in service["traffic"]:
+                if target["tag"]:
+                    label = f"{target['tag']}-{service['name']}"
+                    print(f"  tag {label:<20} {target['url']} -> {target['revision']}")
+        print(f"process logs in {platform.log_dir}")
+    for name, url in sorted(urls.items()):
+        if name not in served:
+            print(f"function {name:<12} {url}  (given)")
+
+
 class ResultPrinter:
     """Prints every event arriving on the given topics (from their current end)."""
 
@@ -121,16 +218,16 @@ class ResultPrinter:
 
 
 def run(args: argparse.Namespace) -> int:
+    import gc
     import logging
     import signal
-    import tempfile
-    import threading
 
     from shared.eventing import broker_process, spec
     from shared.eventing.cliutil import kafka_config, parse_extensions
     from shared.eventing.plane import EventPlane, PlaneOptions
-    from shared.eventing.processes import FunctionProcess, start_functions
     from shared.eventing.sink import KafkaWriter, TopicTarget
+    from shared.platform import Platform, PlatformOptions
+    from shared.platform.cli import scaling_options
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -143,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     broker = None
-    functions: dict[str, FunctionProcess] = {}
+    platform: Platform | None = None
+    watcher = None
     plane = None
     printer = None
     try:
@@ -153,24 +251,32 @@ def run(args: argparse.Namespace) -> int:
             broker = broker_process.EmbeddedBroker()
             kafka = broker.start()
         urls = parse_extensions(args.function_url)
-        if not args.no_functions:
-            wanted = [name for name in loaded.functions() if name not in urls]
-            log_dir = Path(tempfile.mkdtemp(prefix="onnxfn-up-"))
-            print(f"starting functions {', '.join(wanted)} (logs in {log_dir}) ...", flush=True)
-            functions = start_functions(wanted, log_dir)
-            urls.update({name: process.url for name, process in functions.items()})
+        wanted = [] if args.no_functions else [name for name in loaded.functions() if name not in urls]
+        if wanted:
+            platform = Platform(
+                PlatformOptions(
+                    knative_dir=args.knative,
+                    services=tuple(wanted),
+                    gateway_port=args.gateway_port,
+                    scaling=scaling_options(args),
+                    state_file=args.state_file,
+                )
+            )
+            platform.start()
+            urls.update({name: platform.url_for(name) for name in wanted})
         plane = EventPlane(loaded, kafka, urls, PlaneOptions(ingress_port=args.ingress_port))
         plane.start()
         print(f"Kafka bootstrap servers: {kafka.bootstrap_servers}" + (" (embedded Tansu)" if broker else ""))
         for b in loaded.brokers.values():
             print(f"broker ingress:  {plane.ingress_url}{b.path}  (topic {b.topic})")
-        for name, url in sorted(urls.items()):
-            print(f"function {name:<12} {url}")
+        print_urls(platform, urls)
         inputs = [t for s in loaded.sources for t in s.topics]
         sinks = sorted(s.topic for s in loaded.sinks.values())
         print(f"input topics:    {', '.join(inputs)}")
         print(f"result topics:   {', '.join(sinks)}")
         print("READY", flush=True)
+        if platform is not None:
+            watcher = ScaleWatcher(platform.status).start()
         if not args.quiet:
             printer = ResultPrinter(kafka, sinks)
             printer.start()
@@ -181,19 +287,24 @@ def run(args: argparse.Namespace) -> int:
             for event in events:
                 target.send(event, lambda err: None if err is None else print(f"publish failed: {err}"))
             writer.close()
+            del target, writer  # its librdkafka producer goes now, not after the broker
             print(f"published {len(events)} sample events to {inputs[0]}; results follow (Ctrl-C to stop)", flush=True)
         stop.wait()
         print("shutting down ...", flush=True)
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         print(f"up: {exc}", file=sys.stderr)
         return 1
     finally:
         if printer is not None:
             printer.stop()
+        if watcher is not None:
+            watcher.stop()
         if plane is not None:
             plane.stop()
-        for process in functions.values():
-            process.stop()
+            plane = None  # its librdkafka clients go before the broker does (no "Disconnected" noise)
+            gc.collect()
+        if platform is not None:
+            platform.stop()
         if broker is not None:
             broker.stop()
     return 0
