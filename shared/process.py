@@ -113,3 +113,19 @@ def rss_mb(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def start_functions(names: list[str], log_dir: Path, timeout_s: float = 180.0) -> dict[str, FunctionProcess]:
+    """Start every function (log in `log_dir/NAME.log`), then wait until all are ready (stopping all on failure)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes: dict[str, FunctionProcess] = {}
+    try:
+        for name in names:
+            processes[name] = FunctionProcess(name, log=log_dir / f"{name}.log")
+        for process in processes.values():
+            process.wait_ready(timeout_s)
+    except BaseException:
+        for process in processes.values():
+            process.stop(timeout=5)
+        raise
+    return processes

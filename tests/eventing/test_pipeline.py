@@ -29,8 +29,8 @@ from eventing_helpers import (
 from shared.eventing import spec
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.plane import EventPlane
-from shared.eventing.processes import FunctionProcess, start_functions
 from shared.events import Event
+from shared.process import FunctionProcess, start_functions
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
