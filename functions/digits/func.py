@@ -14,6 +14,7 @@ import numpy as np
 
 from shared.contract import Batching, Feeds, FunctionConfig, Scaling
 from shared.errors import InvalidInput
+from shared.validation import json_kind
 
 SIDE = 8
 SIZE = SIDE * SIDE
@@ -33,23 +34,6 @@ EXAMPLE_IMAGE: tuple[tuple[int, ...], ...] = (
 )
 
 _NUMBER_TYPES = frozenset({int, float})
-
-
-def _kind(value: Any) -> str:
-    """A JSON-ish name for the type of `value`."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def _show(value: Any) -> str:
@@ -80,7 +64,7 @@ def _fast_image(image: Any) -> np.ndarray | None:
 
 def _check_value(where: str, value: Any, problems: list[str]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        problems.append(f"{where}: not a number (got {_kind(value)})")
+        problems.append(f"{where}: not a number (got {json_kind(value)})")
         return 0.0
     if isinstance(value, float) and not math.isfinite(value):
         problems.append(f"{where}: {value} is not finite")
@@ -94,7 +78,7 @@ def _check_value(where: str, value: Any, problems: list[str]) -> float:
 def _diagnose_image(image: Any, problems: list[str]) -> np.ndarray:
     """Check every element of `image`, appending each problem; the array when there is none."""
     if not isinstance(image, list):
-        problems.append(f"image: expected {SIZE} numbers or {SIDE} rows of {SIDE}, got {_kind(image)}")
+        problems.append(f"image: expected {SIZE} numbers or {SIDE} rows of {SIDE}, got {json_kind(image)}")
         return np.zeros((1, 1, SIDE, SIDE), dtype=np.float32)
     values: list[float] = []
     if any(isinstance(row, list) for row in image):
@@ -102,7 +86,7 @@ def _diagnose_image(image: Any, problems: list[str]) -> np.ndarray:
             problems.append(f"image: expected {SIDE} rows of {SIDE}, got {len(image)} rows")
         for r, row in enumerate(image):
             if not isinstance(row, list):
-                problems.append(f"image[{r}]: expected a row of {SIDE} numbers, got {_kind(row)}")
+                problems.append(f"image[{r}]: expected a row of {SIDE} numbers, got {json_kind(row)}")
                 continue
             if len(row) != SIDE:
                 problems.append(f"image[{r}]: expected a row of {SIDE} numbers, got {len(row)}")
@@ -156,7 +140,7 @@ class DigitsHandler:
             if fast is not None:
                 return {"image": fast}
         if not isinstance(data, dict):
-            raise InvalidInput([f"data: expected a JSON object with 'image', got {_kind(data)}"])
+            raise InvalidInput([f"data: expected a JSON object with 'image', got {json_kind(data)}"])
         if "image" not in data:
             raise InvalidInput(["missing field 'image'"])
         problems: list[str] = []

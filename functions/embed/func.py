@@ -15,23 +15,12 @@ import numpy as np
 
 from shared.contract import Batching, Feeds, FunctionConfig, Scaling
 from shared.errors import InvalidInput
+from shared.validation import json_kind
 
 MAX_TOKENS = 256
 MAX_CHARS = 10_000
 BUCKETS = (16, 32, 64, 128, 256)
 TOKENIZER_FILE = "embed/1/tokenizer.json"
-_JSON_KINDS = {
-    type(None): "null",
-    bool: "boolean",
-    int: "number",
-    float: "number",
-    list: "array",
-    dict: "object",
-}
-
-
-def _kind(value: Any) -> str:
-    return _JSON_KINDS.get(type(value), "string" if isinstance(value, str) else type(value).__name__)
 
 
 def bucket_for(length: int) -> int:
@@ -79,13 +68,13 @@ class EmbedHandler:
     def preprocess(self, data: Any) -> Feeds:
         """`{"text": str}` -> `input_ids`, `attention_mask` int64 [1, bucket]."""
         if not isinstance(data, dict):
-            raise InvalidInput([f"data: expected a JSON object with 'text', got {_kind(data)}"])
+            raise InvalidInput([f"data: expected a JSON object with 'text', got {json_kind(data)}"])
         problems: list[str] = []
         text = data.get("text")
         if "text" not in data:
             problems.append("missing field 'text'")
         elif not isinstance(text, str):
-            problems.append(f"text: expected a string, got {_kind(text)}")
+            problems.append(f"text: expected a string, got {json_kind(text)}")
         elif not text.strip():
             problems.append("text: empty")
         elif len(text) > MAX_CHARS:

@@ -19,24 +19,13 @@ import numpy as np
 from shared.config import SettingsError
 from shared.contract import Batching, Feeds, FunctionConfig, Result, Scaling
 from shared.errors import InvalidInput
+from shared.validation import json_kind
 
 THRESHOLD_ENV = "ONNXFN_POSTPROCESS_THRESHOLD"
 DEFAULT_THRESHOLD = 0.9
 CLASSES = 10
 ACCEPTED = "dev.onnxfn.digits.accepted"
 REVIEW = "dev.onnxfn.digits.review"
-_JSON_KINDS = {
-    type(None): "null",
-    bool: "boolean",
-    int: "number",
-    float: "number",
-    list: "array",
-    dict: "object",
-}
-
-
-def _kind(value: Any) -> str:
-    return _JSON_KINDS.get(type(value), "string" if isinstance(value, str) else type(value).__name__)
 
 
 def _is_number(value: Any) -> bool:
@@ -45,13 +34,13 @@ def _is_number(value: Any) -> bool:
 
 def _check_probabilities(value: Any, problems: list[str]) -> None:
     if not isinstance(value, list):
-        problems.append(f"probabilities: expected a list of {CLASSES} numbers, got {_kind(value)}")
+        problems.append(f"probabilities: expected a list of {CLASSES} numbers, got {json_kind(value)}")
         return
     if len(value) != CLASSES:
         problems.append(f"probabilities: expected {CLASSES} numbers, got {len(value)}")
     for i, p in enumerate(value):
         if not _is_number(p):
-            problems.append(f"probabilities[{i}]: not a number (got {_kind(p)})")
+            problems.append(f"probabilities[{i}]: not a number (got {json_kind(p)})")
         elif not math.isfinite(p):
             problems.append(f"probabilities[{i}]: {p} is not finite")
         elif not 0 <= p <= 1:
@@ -60,7 +49,7 @@ def _check_probabilities(value: Any, problems: list[str]) -> None:
 
 def _check_label(value: Any, problems: list[str]) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        got = repr(value) if isinstance(value, float) else _kind(value)
+        got = repr(value) if isinstance(value, float) else json_kind(value)
         problems.append(f"label: expected an integer 0..{CLASSES - 1}, got {got}")
     elif not 0 <= value < CLASSES:
         problems.append(f"label: {value} outside 0..{CLASSES - 1}")
@@ -99,7 +88,7 @@ class PostprocessHandler:
     def preprocess(self, data: Any) -> Feeds:
         """Validate a digits result -> `probabilities` float64 [1, 10], `label` int64 [1]."""
         if not isinstance(data, dict):
-            raise InvalidInput([f"data: expected a JSON object (a digits result), got {_kind(data)}"])
+            raise InvalidInput([f"data: expected a JSON object (a digits result), got {json_kind(data)}"])
         problems: list[str] = []
         for name, check in (("label", _check_label), ("probabilities", _check_probabilities)):
             if name not in data:
