@@ -220,7 +220,7 @@ def to_binary(event: Event) -> tuple[dict[str, str], bytes]:
         if name != "datacontenttype" and value is not None
     }
     body = data_bytes(event) or b""
-    if event.data is not None:
+    if body:
         headers["Content-Type"] = event.datacontenttype or JSON_CONTENT
     return headers, body
 
@@ -240,6 +240,17 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _fresh_attributes(type_: str, source: str) -> dict[str, Any]:
+    return {
+        "specversion": SPECVERSION,
+        "id": uuid.uuid4().hex,
+        "source": source,
+        "type": type_,
+        "time": now_rfc3339(),
+        "datacontenttype": JSON_CONTENT,
+    }
+
+
 def new_event(
     type_: str,
     source: str,
@@ -248,14 +259,7 @@ def new_event(
     subject: str | None = None,
 ) -> Event:
     """A fresh event with a new id, the current time and JSON data."""
-    attributes: dict[str, Any] = {
-        "specversion": SPECVERSION,
-        "id": uuid.uuid4().hex,
-        "source": source,
-        "type": type_,
-        "time": now_rfc3339(),
-        "datacontenttype": JSON_CONTENT,
-    }
+    attributes = _fresh_attributes(type_, source)
     if subject is not None:
         attributes["subject"] = subject
     if extensions:
@@ -270,14 +274,7 @@ def new_event(
 def result_event(request: Event, type_: str, source: str, data: Any, model_version: str, revision: str) -> Event:
     """The reply to `request`: new id, result type, our source; subject, partitionkey and trace context
     carried over; `requestid`, `modelversion` and `revision` extensions."""
-    attributes: dict[str, Any] = {
-        "specversion": SPECVERSION,
-        "id": uuid.uuid4().hex,
-        "source": source,
-        "type": type_,
-        "time": now_rfc3339(),
-        "datacontenttype": JSON_CONTENT,
-    }
+    attributes = _fresh_attributes(type_, source)
     req = request.attributes
     for name in CARRIED:
         value = req.get(name)

@@ -187,17 +187,12 @@ def run(args: argparse.Namespace) -> int:
 
     import orjson
 
-    from shared.eventing import broker_process
-    from shared.eventing.cliutil import kafka_config
+    from shared.eventing.cliutil import connect
 
     broker = None
     plane = None
     try:
-        if args.bootstrap_servers:
-            kafka = kafka_config(args.bootstrap_servers)
-        else:
-            broker = broker_process.EmbeddedBroker()
-            kafka = broker.start()
+        kafka, broker = connect(args.bootstrap_servers)
         print(f"raw broker: {args.raw_records} records of 300 bytes ...", flush=True)
         raw = raw_broker(kafka, args.raw_records)
         print("starting the event plane and functions (onnxfn up) ...", flush=True)

@@ -26,6 +26,16 @@ def kafka_config(servers: str) -> Any:
     return KafkaConfig(servers, client_settings(os.environ))
 
 
+def connect(servers: str) -> tuple[Any, Any]:
+    """(KafkaConfig, embedded broker or None): the cluster named by `servers`, else a new embedded broker."""
+    if servers:
+        return kafka_config(servers), None
+    from shared.eventing.broker_process import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    return broker.start(), broker
+
+
 def parse_extensions(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:

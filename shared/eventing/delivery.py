@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from shared.errors import RETRYABLE_STATUS, FunctionError
 from shared.eventing.spec import DEFAULT_TIMEOUT_S, Delivery
-from shared.events import EXTENSION_NAME, JSON_CONTENT, Event, data_bytes, decode_http, encode_header_value
+from shared.events import EXTENSION_NAME, Event, decode_http, to_binary
 
 ERROR_DATA_LIMIT = 1024
 RETRY_AFTER_MAX_S = 60.0
@@ -57,19 +57,6 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def binary_request(event: Event) -> tuple[dict[str, str], bytes]:
-    """HTTP binary mode; unlike `events.to_binary`, raw (undecoded) data keeps its content type."""
-    headers = {
-        "ce-" + name: encode_header_value(value)
-        for name, value in event.attributes.items()
-        if name != "datacontenttype" and value is not None
-    }
-    body = data_bytes(event) or b""
-    if body:
-        headers["Content-Type"] = event.datacontenttype or JSON_CONTENT
-    return headers, body
-
-
 class HttpSubscriber:
     """POSTs events to one URL with retries; connections are kept alive per thread."""
 
@@ -104,7 +91,7 @@ class HttpSubscriber:
 
     def attempt(self, event: Event) -> Outcome:
         """One POST; never raises for network trouble (that is an Outcome without a status)."""
-        headers, body = binary_request(event)
+        headers, body = to_binary(event)
         headers["Prefer"] = "reply"
         headers["Kn-Namespace"] = self.namespace
         headers["Content-Length"] = str(len(body))

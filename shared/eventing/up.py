@@ -222,8 +222,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from shared.eventing import broker_process, spec
-    from shared.eventing.cliutil import kafka_config, parse_extensions
+    from shared.eventing import spec
+    from shared.eventing.cliutil import connect, parse_extensions
     from shared.eventing.plane import EventPlane, PlaneOptions
     from shared.eventing.sink import KafkaWriter, TopicTarget
     from shared.platform import Platform, PlatformOptions
@@ -245,11 +245,7 @@ def run(args: argparse.Namespace) -> int:
     plane = None
     printer = None
     try:
-        if args.bootstrap_servers:
-            kafka = kafka_config(args.bootstrap_servers)
-        else:
-            broker = broker_process.EmbeddedBroker()
-            kafka = broker.start()
+        kafka, broker = connect(args.bootstrap_servers)
         urls = parse_extensions(args.function_url)
         wanted = [] if args.no_functions else [name for name in loaded.functions() if name not in urls]
         if wanted:
