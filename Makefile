@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models run test lint typecheck pytest bench clean
+.PHONY: setup models run test lint typecheck pytest bench bench-events bench-platform clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,12 @@ test: lint typecheck pytest
 
 bench: models
 	$(BIN)/onnxfn bench
+
+bench-events: models
+	$(BIN)/onnxfn bench-events
+
+bench-platform: models
+	$(BIN)/onnxfn platform-bench
 
 clean:
 	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache

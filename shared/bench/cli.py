@@ -14,13 +14,6 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "what",
-        nargs="?",
-        default="functions",
-        choices=["functions", "events"],
-        help="functions (default) or events (the event plane, end to end)",
-    )
     parser.add_argument("--functions", default="digits,embed", help="comma-separated functions")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load phase")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
@@ -31,12 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.what == "events":
-        from importlib import import_module
-
-        events = import_module("shared.eventing.bench")
-        code: int = events.main([])
-        return code
     from shared.bench.functions import BenchOptions, bench_function, print_report
 
     options = BenchOptions(
