@@ -1,8 +1,8 @@
 """`onnxfn bench`: in one run, for `digits` and `embed`: raw in-process onnxruntime (the limit), the
 plain Flask + gunicorn baseline, the function over HTTP with binary-mode CloudEvents at concurrency
 1, 8 and 32, batched CloudEvents (64 events a request) for digits, and the cold start. Prints a table
-of figures and ratios from this one run and writes JSON. `onnxfn bench events` runs the event-plane
-benchmark instead.
+of figures and ratios from this one run and writes JSON. The event path and the platform have their
+own: `onnxfn bench-events`, `onnxfn platform-bench`.
 """
 
 from __future__ import annotations
