@@ -7,6 +7,9 @@ per partition up to the oldest unfinished record (`OffsetTracker`): at-least-onc
 Unordered: records run concurrently, bounded by pausing the partitions while `max_pending` are
 unfinished. Ordered (the Kafka broker's `delivery.order: ordered`): one record in flight per
 partition, the next one starts when the previous one is final.
+
+`Lane` is that record-level part (tracker, ordered queues, handler) without a consumer: the shared
+per-topic reader (`fanout.SharedReader`) feeds one lane per trigger.
 """
 
 from __future__ import annotations
@@ -36,45 +39,34 @@ def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
     return [first, *consumer.consume(num_messages=batch, timeout=0)]
 
 
-class Dispatcher:
-    """One consumer group on `topics`; `handle(message, finish)` for every record."""
+class Lane:
+    """The records of one consumer group: `accept` in consumption order, `handle(message, finish)`
+    for each, the offsets tracked until final. Ordered: one record in flight per partition."""
 
-    def __init__(
-        self,
-        name: str,
-        config: KafkaConfig,
-        group_id: str,
-        topics: list[str],
-        handle: Handler,
-        *,
-        ordered: bool = False,
-        max_pending: int = 500,
-        offset_reset: str = "earliest",
-    ):
+    def __init__(self, name: str, handle: Handler, ordered: bool = False):
         self.name = name
-        self.group_id = group_id
-        self.topics = topics
         self.handle = handle
         self.ordered = ordered
-        self.max_pending = max_pending
-        self._config = config.consumer(group_id, **{"auto.offset.reset": offset_reset})
         self.tracker = OffsetTracker()
-        self.assigned = threading.Event()
-        self._stop = threading.Event()
         self._lock = threading.Lock()
         self._waiting: dict[TopicPartitionKey, deque[Any]] = {}
         self._busy: set[TopicPartitionKey] = set()
-        self._thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
-        self.failed: BaseException | None = None
+        self.closed = False
 
-    def start(self) -> None:
-        self._thread.start()
+    def close(self) -> None:
+        """Start nothing more: records still queued behind an ordered partition are left (not final)."""
+        with self._lock:
+            self.closed = True
+            self._waiting.clear()
 
-    def stop(self, drain_s: float = 5.0) -> None:
-        """Stop consuming, give in-flight records `drain_s` to finish, commit, leave the group."""
-        self._drain_s = drain_s
-        self._stop.set()
-        self._thread.join(timeout=drain_s + 15)
+    def drop(self, tps: list[TopicPartitionKey]) -> dict[TopicPartitionKey, int]:
+        """Forget revoked partitions; returns their last commit points."""
+        points = self.tracker.forget(tps)
+        with self._lock:
+            for tp in tps:
+                self._waiting.pop(tp, None)
+                self._busy.discard(tp)
+        return points
 
     # -- records -------------------------------------------------------------------------------
     def _start(self, message: Any) -> None:
@@ -108,12 +100,12 @@ class Dispatcher:
     def _pop_next(self, tp: TopicPartitionKey) -> Any:
         with self._lock:
             queue = self._waiting.get(tp)
-            if not queue:
+            if not queue or self.closed:
                 self._busy.discard(tp)
                 return None
             return queue.popleft()
 
-    def _accept(self, message: Any) -> None:
+    def accept(self, message: Any) -> None:
         tp = (message.topic(), message.partition())
         self.tracker.add(tp, message.offset())
         if self.ordered:
@@ -123,6 +115,54 @@ class Dispatcher:
                     return
                 self._busy.add(tp)
         self._start(message)
+
+
+class Dispatcher:
+    """One consumer group on `topics`; `handle(message, finish)` for every record."""
+
+    def __init__(
+        self,
+        name: str,
+        config: KafkaConfig,
+        group_id: str,
+        topics: list[str],
+        handle: Handler,
+        *,
+        ordered: bool = False,
+        max_pending: int = 500,
+        offset_reset: str = "earliest",
+    ):
+        self.name = name
+        self.group_id = group_id
+        self.topics = topics
+        self.lane = Lane(name, handle, ordered)
+        self.max_pending = max_pending
+        self._config = config.consumer(group_id, **{"auto.offset.reset": offset_reset})
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"dispatch-{name}", daemon=True)
+        self.failed: BaseException | None = None
+
+    @property
+    def tracker(self) -> OffsetTracker:
+        return self.lane.tracker
+
+    @property
+    def ordered(self) -> bool:
+        return self.lane.ordered
+
+    @ordered.setter
+    def ordered(self, value: bool) -> None:
+        self.lane.ordered = value
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Stop consuming, give in-flight records `drain_s` to finish, commit, leave the group."""
+        self._drain_s = drain_s
+        self._stop.set()
+        self._thread.join(timeout=drain_s + 15)
 
     # -- consumer loop -------------------------------------------------------------------------
     def _commit(self, consumer: Any, points: dict[TopicPartitionKey, int], asynchronous: bool = True) -> None:
@@ -142,11 +182,7 @@ class Dispatcher:
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        self._commit(consumer, self.tracker.forget(tps), asynchronous=False)
-        with self._lock:
-            for tp in tps:
-                self._waiting.pop(tp, None)
-                self._busy.discard(tp)
+        self._commit(consumer, self.lane.drop(tps), asynchronous=False)
 
     def _run(self) -> None:
         from confluent_kafka import Consumer, KafkaError
@@ -170,7 +206,7 @@ class Dispatcher:
                         if error.code() != KafkaError._PARTITION_EOF:
                             log.warning("%s: consumer error: %s", self.name, error.str())
                         continue
-                    self._accept(message)
+                    self.lane.accept(message)
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self._commit(consumer, self.tracker.commit_points())

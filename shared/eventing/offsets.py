@@ -49,6 +49,12 @@ class OffsetTracker:
             if last is not None:
                 self._ready[tp] = last + 1
 
+    def first_unfinished(self, tp: TopicPartitionKey) -> int | None:
+        """The oldest record of `tp` not final yet (None when every record added is final)."""
+        with self._lock:
+            part = self._partitions.get(tp)
+            return part.pending[0] if part is not None and part.pending else None
+
     def commit_points(self) -> dict[TopicPartitionKey, int]:
         """Offsets to commit since the last call (next offset to read, per partition)."""
         with self._lock:

@@ -1,8 +1,13 @@
 """The embedded event plane: the eventing YAML carried out against one Kafka cluster.
 
 It creates the topics the YAML implies (broker topics with the ConfigMap's partition count, the
-sources' input topics, the KafkaSinks' topics), then runs one dispatcher per KafkaSource and per
+sources' input topics, the KafkaSinks' topics), then runs one consumer group per KafkaSource and per
 Trigger, and the broker ingress. Functions (Service subscribers) are reached at the URLs given.
+
+With `PlaneOptions.shared_fetch` (the default), the consumer groups that read the same single topic
+(the triggers of a broker) share one `fanout.SharedReader`, which fetches the topic once and keeps
+per-group offsets, windows and ordering; a group alone on its topics gets its own `Dispatcher`.
+Without it, every group is a `Dispatcher` of its own (each record fetched once per trigger).
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ from dataclasses import dataclass
 
 from shared.eventing.broker_process import KafkaConfig, ensure_topics
 from shared.eventing.delivery import HttpSubscriber
-from shared.eventing.dispatcher import Dispatcher
+from shared.eventing.dispatcher import Dispatcher, Handler
+from shared.eventing.fanout import Member, SharedReader
 from shared.eventing.ingress import IngressServer
 from shared.eventing.sender import Sender, Target
 from shared.eventing.sink import KafkaWriter, TopicTarget
-from shared.eventing.source import source_dispatcher
+from shared.eventing.source import SourceHandler
 from shared.eventing.spec import Delivery, Destination, EventingSpec
-from shared.eventing.trigger import trigger_dispatcher
+from shared.eventing.trigger import TriggerHandler
 
 log = logging.getLogger(__name__)
 # Records a dispatcher buffers before it pauses its partitions; HTTP concurrency is the sender's pool.
@@ -34,6 +40,19 @@ class PlaneOptions:
     ingress_port: int = 0
     concurrency: int = 50  # unordered HTTP deliveries in flight per trigger (the Kafka broker's 50)
     input_partitions: int | None = None  # partitions of source topics it creates (default: the broker's)
+    shared_fetch: bool = False  # one shared reader per topic read by several groups (see fanout)
+
+
+@dataclass(frozen=True)
+class Consumption:
+    """One consumer group the plane runs: a trigger or a KafkaSource."""
+
+    name: str
+    group_id: str
+    topics: tuple[str, ...]
+    handle: Handler
+    ordered: bool
+    offset_reset: str = "earliest"
 
 
 class EventPlane:
@@ -53,7 +72,7 @@ class EventPlane:
         self.stopping = threading.Event()
         self.writer: KafkaWriter | None = None
         self.ingress: IngressServer | None = None
-        self.dispatchers: list[Dispatcher] = []
+        self.dispatchers: list[Dispatcher | SharedReader] = []
         self.senders: dict[str, Sender] = {}
         missing = [name for name in spec.functions() if name not in self.function_urls]
         if missing:
@@ -103,6 +122,7 @@ class EventPlane:
             broker.path: TopicTarget(self.writer, broker.topic, "binary", f"Broker/{broker.name}")
             for broker in self.spec.brokers.values()
         }
+        groups: list[Consumption] = []
         for trigger in self.spec.triggers:
             target = self._target(trigger.subscriber, trigger.delivery, trigger.namespace)
             http = isinstance(target, HttpSubscriber)
@@ -115,11 +135,17 @@ class EventPlane:
             )
             self.senders[f"Trigger/{trigger.name}"] = sender
             broker = self.spec.brokers[f"{trigger.namespace}/{trigger.broker}"]
-            dispatcher = trigger_dispatcher(trigger, broker, self.kafka, sender, MAX_PENDING)
             # A Kafka topic keeps per-partition order by itself (idempotent producer), so only HTTP
             # subscribers need one-in-flight-per-partition.
-            dispatcher.ordered = trigger.ordered and http
-            self.dispatchers.append(dispatcher)
+            groups.append(
+                Consumption(
+                    f"trigger-{trigger.name}",
+                    trigger.group_id,
+                    (broker.topic,),
+                    TriggerHandler(trigger, sender),
+                    trigger.ordered and http,
+                )
+            )
         for source in self.spec.sources:
             target = self._target(source.sink, source.delivery, source.namespace)
             http = isinstance(target, HttpSubscriber)
@@ -131,9 +157,17 @@ class EventPlane:
                 concurrency=self.options.concurrency,
             )
             self.senders[f"KafkaSource/{source.name}"] = sender
-            dispatcher = source_dispatcher(source, self.kafka, sender, MAX_PENDING)
-            dispatcher.ordered = source.ordered and http
-            self.dispatchers.append(dispatcher)
+            groups.append(
+                Consumption(
+                    f"source-{source.name}",
+                    source.consumer_group,
+                    tuple(source.topics),
+                    SourceHandler(source, sender),
+                    source.ordered and http,
+                    source.initial_offset,
+                )
+            )
+        self.dispatchers.extend(self._consumers(groups))
         for dispatcher in self.dispatchers:
             dispatcher.start()
         self.ingress = IngressServer(brokers, self.options.ingress_host, self.options.ingress_port)
@@ -143,6 +177,41 @@ class EventPlane:
             if not dispatcher.assigned.wait(max(0.0, deadline - time.monotonic())):
                 self.stop()
                 raise RuntimeError(f"{dispatcher.name}: no partitions assigned within {ready_timeout_s:.0f} s")
+
+    def _consumers(self, groups: list[Consumption]) -> list[Dispatcher | SharedReader]:
+        """A shared reader per topic that several single-topic groups read (with `shared_fetch`), a
+        dispatcher for every other group."""
+        by_topic: dict[str, list[Consumption]] = {}
+        if self.options.shared_fetch:
+            for group in groups:
+                if len(group.topics) == 1:
+                    by_topic.setdefault(group.topics[0], []).append(group)
+        shared = {topic: members for topic, members in by_topic.items() if len(members) > 1}
+        out: list[Dispatcher | SharedReader] = []
+        for topic, members in shared.items():
+            out.append(
+                SharedReader(
+                    f"fanout-{topic}",
+                    self.kafka,
+                    topic,
+                    [Member(g.name, g.group_id, g.handle, g.ordered, MAX_PENDING, g.offset_reset) for g in members],
+                )
+            )
+        for group in groups:
+            if len(group.topics) == 1 and group.topics[0] in shared:
+                continue
+            dispatcher = Dispatcher(
+                group.name,
+                self.kafka,
+                group.group_id,
+                list(group.topics),
+                group.handle,
+                ordered=group.ordered,
+                max_pending=MAX_PENDING,
+                offset_reset=group.offset_reset,
+            )
+            out.append(dispatcher)
+        return out
 
     def stop(self) -> None:
         """Stop consuming, let in-flight deliveries settle briefly, commit, flush, close."""
