@@ -51,8 +51,8 @@ class EmbedHandler:
                 memory="1Gi",
                 timeout_seconds=60,
             ),
-            workers=1,
-            threads=32,
+            workers=2,
+            threads=16,
         )
         self._tokenizer: Any = None
 
