@@ -12,6 +12,7 @@ same); and serves until Ctrl-C or SIGTERM, then shuts everything down.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import threading
 from collections.abc import Callable
@@ -288,7 +289,10 @@ def run(args: argparse.Namespace) -> int:
         stop.wait()
         print("shutting down ...", flush=True)
     except (RuntimeError, ValueError, OSError) as exc:
-        print(f"up: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            hint = f" (broker ingress port {args.ingress_port} is taken: pass --ingress-port 0 for any free port)"
+        print(f"up: {exc}{hint}", file=sys.stderr)
         return 1
     finally:
         if printer is not None:
