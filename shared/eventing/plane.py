@@ -40,7 +40,7 @@ class PlaneOptions:
     ingress_port: int = 0
     concurrency: int = 50  # unordered HTTP deliveries in flight per trigger (the Kafka broker's 50)
     input_partitions: int | None = None  # partitions of source topics it creates (default: the broker's)
-    shared_fetch: bool = False  # one shared reader per topic read by several groups (see fanout)
+    shared_fetch: bool = True  # one shared reader per topic read by several groups (see fanout)
 
 
 @dataclass(frozen=True)
