@@ -13,8 +13,30 @@ from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.plane import EventPlane
 
 
-@pytest.fixture(scope="session")
-def kafka() -> Iterator[KafkaConfig]:
+def _docker_engine_answers() -> bool:
+    """True when a Docker engine answers here (then the suite also runs against a Kafka container)."""
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+# The embedded Tansu broker always (or the cluster in KAFKA_BOOTSTRAP_SERVERS); a real Apache Kafka in a
+# container as well wherever a Docker engine answers (never on the project's own machines).
+BROKERS = ["embedded", *(["container"] if _docker_engine_answers() else [])]
+
+
+@pytest.fixture(scope="session", params=BROKERS)
+def kafka(request: pytest.FixtureRequest) -> Iterator[KafkaConfig]:
+    if request.param == "container":
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer() as container:
+            yield KafkaConfig(container.get_bootstrap_server())
+        return
     existing = broker_process.from_env()
     if existing is not None:
         yield existing
