@@ -136,7 +136,8 @@ def cold_start(name: str, headers: dict[str, str], body: bytes, env: dict[str, s
             "imports_and_boot_s": timings.get("started_at", launched) - launched,
             "model_load_s": timings.get("model_load_s"),
             "warmup_s": timings.get("warmup_s"),
-            "ready_to_reply_s": replied - timings.get("ready_at", replied),
+            # timings come from the worker that answered readiness; another may have replied first
+            "ready_to_reply_s": max(0.0, replied - timings.get("ready_at", replied)),
         }
     finally:
         server.stop()
