@@ -1,7 +1,7 @@
 """`onnxfn up`: broker, event plane and functions on this machine, from `eventing/` (what `make run` does).
 
 It starts an embedded Tansu broker (or uses `--bootstrap-servers` / `KAFKA_BOOTSTRAP_SERVERS`), the
-scale-to-zero platform (`shared.platform`: one activator URL per Knative Service the triggers deliver
+scale-to-zero platform (`onnxfn platform` as a child process: one activator URL per Knative Service the triggers deliver
 to, every function at zero until its first event) and the event plane; prints the broker ingress URL,
 the Service and tag URLs and the topics; publishes a sample stream (held-out digits images and a few
 sentences) to the input topic; prints results as they arrive on the KafkaSink topics, each cold start
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -227,8 +229,7 @@ def run(args: argparse.Namespace) -> int:
     from shared.eventing.cliutil import connect, parse_extensions
     from shared.eventing.plane import EventPlane, PlaneOptions
     from shared.eventing.sink import KafkaWriter, TopicTarget
-    from shared.platform import Platform, PlatformOptions
-    from shared.platform.cli import scaling_options
+    from shared.platform.child import PlatformProcess, scaling_flags
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -241,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     broker = None
-    platform: Platform | None = None
+    platform: PlatformProcess | None = None
     watcher = None
     plane = None
     printer = None
@@ -250,14 +251,13 @@ def run(args: argparse.Namespace) -> int:
         urls = parse_extensions(args.function_url)
         wanted = [] if args.no_functions else [name for name in loaded.functions() if name not in urls]
         if wanted:
-            platform = Platform(
-                PlatformOptions(
-                    knative_dir=args.knative,
-                    services=tuple(wanted),
-                    gateway_port=args.gateway_port,
-                    scaling=scaling_options(args),
-                    state_file=args.state_file,
-                )
+            platform = PlatformProcess(
+                wanted,
+                knative_dir=args.knative,
+                state_file=args.state_file,
+                gateway_port=args.gateway_port,
+                scaling_flags=scaling_flags(args.idle_window, args.stable_window, args.max_processes),
+                log=Path(tempfile.gettempdir()) / f"onnxfn-up-platform-{os.getpid()}.log",
             )
             platform.start()
             urls.update({name: platform.url_for(name) for name in wanted})

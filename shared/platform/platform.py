@@ -96,7 +96,13 @@ class Platform:
             self.stop()
             raise
         if self.options.state_file is not None:
-            state = {"pid": os.getpid(), "gateway": self.gateway_url, "urls": self.urls(), "started_at": time.time()}
+            state = {
+                "pid": os.getpid(),
+                "gateway": self.gateway_url,
+                "urls": self.urls(),
+                "log_dir": str(self.log_dir),
+                "started_at": time.time(),
+            }
             self.options.state_file.write_text(json.dumps(state) + "\n")
 
     def stop(self, timeout_s: float = 120.0) -> None:
