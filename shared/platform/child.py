@@ -36,7 +36,9 @@ class PlatformProcess:
         argv = [sys.executable, "-m", "shared.cli", "platform", *services, "--knative", str(knative_dir)]
         argv += ["--port", str(gateway_port), "--state-file", str(state_file), *(scaling_flags or [])]
         self._log = open(log or Path("/dev/null"), "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own session: a Ctrl-C meant for `onnxfn up` must not stop the functions before the event
+        # plane has finished what is in flight; `stop()` ends it last.
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.state: dict[str, Any] = {}
 
     def start(self, timeout_s: float = 60.0) -> None:
