@@ -25,6 +25,25 @@ from shared.contract import function_names, load_handler
 METADATA_FILE = "metadata.json"
 
 
+def write_metadata(model_path: Path, started: float, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Add what every build records (size, build time, versions) and write `metadata.json` beside the model."""
+    import json
+    import platform
+
+    import torch
+
+    metadata = {
+        **metadata,
+        "model_bytes": model_path.stat().st_size,
+        "build_seconds": round(time.perf_counter() - started, 2),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    (model_path.parent / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
 def model_file(name: str) -> str | None:
     """The model path of function `name`, relative to the model directory (None: no model)."""
     return load_handler(name).config.model_file

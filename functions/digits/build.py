@@ -11,13 +11,13 @@ accuracy and speed against version 1 are measured on the held-out split and kept
 
 from __future__ import annotations
 
-import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.build_models import write_metadata
 
 VERSION = "1"
 INT8_VERSION = "2"
@@ -244,13 +244,9 @@ def build_int8(model_dir: Path) -> dict[str, Any]:
         "latency_us_one_thread": {
             version: {k: v for k, v in comparison[version].items() if "us" in k} for version in comparison
         },
-        "model_bytes": (out / "model.onnx").stat().st_size,
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "onnxruntime": onnxruntime.__version__,
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    return metadata
+    return write_metadata(out / "model.onnx", started, metadata)
 
 
 def build(model_dir: Path) -> dict[str, Any]:
@@ -266,7 +262,6 @@ def build(model_dir: Path) -> dict[str, Any]:
 
 def build_fp32(model_dir: Path) -> dict[str, Any]:
     """Train, export `<model_dir>/digits/1/model.onnx`, write `metadata.json` beside it; return it."""
-    import torch
 
     started = time.perf_counter()
     out = Path(model_dir) / "digits" / VERSION
@@ -286,11 +281,5 @@ def build_fp32(model_dir: Path) -> dict[str, Any]:
         "metrics": {"accuracy": accuracy},
         "held_out": {"size": len(y_test), "test_size": 0.25, "random_state": SEED, "stratify": True},
         "train": {"size": len(y_train), "epochs": EPOCHS, "batch_size": BATCH_SIZE, "seed": SEED, "threads": 1},
-        "model_bytes": model_path.stat().st_size,
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    return metadata
+    return write_metadata(model_path, started, metadata)

