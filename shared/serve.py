@@ -32,16 +32,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def prepare_metrics_dir() -> str:
-    """Point prometheus_client's multiprocess mode at an empty folder (before it is imported)."""
+def prepare_metrics_dir() -> tuple[str, bool]:
+    """Point prometheus_client's multiprocess mode at an empty folder (before it is imported).
+    Returns the folder and whether this process made it (then it removes it on exit)."""
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    created = not directory
     if directory:
         shutil.rmtree(directory, ignore_errors=True)
     else:
         directory = tempfile.mkdtemp(prefix="onnxfn-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
-    return directory
+    return directory, created
 
 
 def build_app(settings: Settings) -> Any:
@@ -81,7 +83,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 
 def serve(settings: Settings) -> None:
     """Run gunicorn in this process until it is told to stop."""
-    prepare_metrics_dir()
+    metrics_dir, made_metrics_dir = prepare_metrics_dir()
     state_dir = Path(tempfile.mkdtemp(prefix="onnxfn-state-"))
     settings = dataclasses.replace(settings, state_dir=state_dir)
     # Heavy imports in the master: workers inherit them on fork instead of importing each.
@@ -103,6 +105,8 @@ def serve(settings: Settings) -> None:
 
     def on_exit(server: Any) -> None:
         shutil.rmtree(state_dir, ignore_errors=True)
+        if made_metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
     class FunctionServer(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
