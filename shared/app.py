@@ -205,5 +205,4 @@ def create_app(pipeline: Pipeline, max_body_bytes: int) -> WSGIApp:
             return endpoint(environ, start_response)
         return flask_wsgi(environ, start_response)
 
-    app.flask = flask_app  # type: ignore[attr-defined]
     return app
