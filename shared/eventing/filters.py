@@ -10,6 +10,7 @@ attributes? Loading uses that to find a function whose result would be routed ba
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +31,16 @@ def _value(attributes: Attributes, name: str) -> str | None:
     return str(value)
 
 
-class Filter:
+class Filter(ABC):
     """A predicate over an event's context attributes."""
 
+    @abstractmethod
     def match(self, attributes: Attributes) -> bool:
-        raise NotImplementedError
+        """True when the event with these attributes passes."""
 
+    @abstractmethod
     def may_match_type(self, event_type: str) -> bool:
-        raise NotImplementedError
+        """False when no event of this type can pass (for the loop check)."""
 
 
 @dataclass(frozen=True)
