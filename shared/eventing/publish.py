@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("binary", "structured"), default="binary", help="content mode")
 
 
-def _events(args: argparse.Namespace) -> Iterator[Any]:
+def _events(args: argparse.Namespace, progress: _Progress) -> Iterator[Any]:
+    """The events to publish. A bad line of a file is reported (file:line: reason) and skipped, so the
+    good ones still go out and the exit status says something was wrong."""
     import orjson
 
     if not args.file:
@@ -35,11 +37,15 @@ def _events(args: argparse.Namespace) -> Iterator[Any]:
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     with stream:
         for number, line in enumerate(stream, 1):
-            if line.strip():
-                try:
-                    yield event_from_dict(orjson.loads(line))
-                except Exception as exc:
-                    raise SystemExit(f"publish: {args.file}:{number}: {exc}") from None
+            if not line.strip():
+                continue
+            try:
+                event = event_from_dict(orjson.loads(line))
+            except Exception as exc:
+                print(f"\npublish: {args.file}:{number}: {exc} (line skipped)", file=sys.stderr)
+                progress.skipped += 1
+                continue
+            yield event
 
 
 class _Progress:
@@ -50,7 +56,7 @@ class _Progress:
 
         self.clock = time.monotonic
         self.start = self.last = self.clock()
-        self.sent = self.failed = 0
+        self.sent = self.failed = self.skipped = 0
 
     def tick(self, ok: bool) -> None:
         self.sent += ok
@@ -63,7 +69,8 @@ class _Progress:
 
     def done(self) -> None:
         elapsed = self.clock() - self.start
-        print(f"\rpublished {self.sent}, failed {self.failed} in {elapsed:.2f} s", file=sys.stderr)
+        skipped = f", {self.skipped} bad line(s) skipped" if self.skipped else ""
+        print(f"\rpublished {self.sent}, failed {self.failed}{skipped} in {elapsed:.2f} s", file=sys.stderr)
 
 
 def _to_ingress(url: str, events: Iterator[Any], mode: str, progress: _Progress) -> None:
@@ -114,11 +121,11 @@ def run(args: argparse.Namespace) -> int:
     progress = _Progress()
     try:
         if args.url:
-            _to_ingress(args.url, _events(args), args.mode, progress)
+            _to_ingress(args.url, _events(args, progress), args.mode, progress)
         else:
-            _to_topic(args.bootstrap_servers, args.topic, _events(args), args.mode, progress)
+            _to_topic(args.bootstrap_servers, args.topic, _events(args, progress), args.mode, progress)
     except OSError as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 2
     progress.done()
-    return 0 if progress.failed == 0 else 1
+    return 0 if progress.failed == 0 and progress.skipped == 0 else 1
