@@ -8,6 +8,7 @@ Nothing here knows Flask, Kafka or onnxruntime; the Kafka binding builds on the 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,8 @@ BATCH = "application/cloudevents-batch+json"
 JSON_CONTENT = "application/json"
 ATTRIBUTE_NAME = re.compile(r"^[a-z0-9]{1,64}$")
 EXTENSION_NAME = re.compile(r"^[a-z0-9]{1,20}$")
+# The type of the event that answers, in a batched reply, a request event that was invalid on its own.
+ERROR_EVENT_TYPE = "dev.onnxfn.error"
 # Attributes carried from a request onto its result event.
 CARRIED = ("subject", "partitionkey", "traceparent", "tracestate")
 
@@ -151,15 +154,21 @@ def from_structured_dict(envelope: Any) -> Event:
 
 
 def to_structured_dict(event: Event) -> dict[str, Any]:
-    """Event -> JSON-format envelope (binary data as `data_base64`)."""
+    """Event -> JSON-format envelope (binary data as `data_base64`; undecoded JSON data is decoded)."""
     envelope = dict(event.attributes)
-    if event.data is not None:
-        if isinstance(event.data, bytes | bytearray):
+    data = event.data
+    if data is None and event._raw is not None:
+        data = event._raw
+        if is_json_content(event.datacontenttype):
+            with contextlib.suppress(orjson.JSONDecodeError):  # not JSON after all: data_base64
+                data = orjson.loads(event._raw)
+    if data is not None:
+        if isinstance(data, bytes | bytearray):
             import base64
 
-            envelope["data_base64"] = base64.b64encode(event.data).decode()
+            envelope["data_base64"] = base64.b64encode(data).decode()
         else:
-            envelope["data"] = event.data
+            envelope["data"] = data
     return envelope
 
 

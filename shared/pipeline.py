@@ -27,14 +27,12 @@ from shared.errors import (
     ModelNotReady,
     UnknownEventType,
 )
-from shared.events import Event, result_event
+from shared.events import ERROR_EVENT_TYPE, Event, result_event
 from shared.metrics import Metrics
 from shared.model import OnnxModel
 from shared.readiness import WorkerReadiness
 
 log = logging.getLogger(__name__)
-
-ERROR_EVENT_TYPE = "dev.onnxfn.error"
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,21 @@ empty body (or a 202) means no reply, a CloudEvent is the reply, and any other b
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
 import http.client
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from shared.errors import RETRYABLE_STATUS, FunctionError
 from shared.eventing.spec import DEFAULT_TIMEOUT_S, Delivery
-from shared.events import EXTENSION_NAME, Event, decode_http, to_binary
+from shared.events import ERROR_EVENT_TYPE, EXTENSION_NAME, Event, decode_http, encode_http, to_binary
 
 ERROR_DATA_LIMIT = 1024
 RETRY_AFTER_MAX_S = 60.0
@@ -37,6 +41,7 @@ class Outcome:
     headers: dict[str, str] = field(default_factory=dict)
     error: str = ""
     attempts: int = 0
+    each: list[Outcome] | None = None  # a batched request that succeeded: one outcome per event
 
 
 class Abandoned(Exception):
@@ -92,6 +97,15 @@ class HttpSubscriber:
     def attempt(self, event: Event) -> Outcome:
         """One POST; never raises for network trouble (that is an Outcome without a status)."""
         headers, body = to_binary(event)
+        return self._post(headers, body, self._classify)
+
+    def attempt_batch(self, events: list[Event]) -> Outcome:
+        """One POST of many events in batched mode; when it succeeds, `each` holds every event's outcome
+        (matched by the reply's `requestid`; an onnxfn error event is that event's failure)."""
+        headers, body = encode_http("batch", events)
+        return self._post(headers, body, lambda status, h, payload: split_batch_reply(events, status, h, payload))
+
+    def _post(self, headers: dict[str, str], body: bytes, classify: Any) -> Outcome:
         headers["Prefer"] = "reply"
         headers["Kn-Namespace"] = self.namespace
         headers["Content-Length"] = str(len(body))
@@ -106,7 +120,8 @@ class HttpSubscriber:
         except (OSError, http.client.HTTPException) as exc:
             self._drop_connection()
             return Outcome(False, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-        return self._classify(response.status, reply_headers, payload)
+        outcome: Outcome = classify(response.status, reply_headers, payload)
+        return outcome
 
     @staticmethod
     def _classify(status: int, headers: dict[str, str], body: bytes) -> Outcome:
@@ -131,21 +146,58 @@ class HttpSubscriber:
 
     def deliver(self, event: Event) -> Outcome:
         """Attempt, then retry per the delivery spec. Raises Abandoned when the plane stops meanwhile."""
+        return self._with_retries(lambda: self.attempt(event))
+
+    def deliver_batch(self, events: list[Event]) -> list[Outcome]:
+        """Many events in one request, retried as a whole; one outcome per event."""
+        whole = self._with_retries(lambda: self.attempt_batch(events))
+        if whole.ok and whole.each is not None:
+            return whole.each
+        return [dataclasses.replace(whole) for _ in events]
+
+    def _with_retries(self, attempt: Callable[[], Outcome]) -> Outcome:
         retries = self.delivery.retry or 0
-        attempt = 0
+        count = 0
         while True:
-            outcome = self.attempt(event)
-            attempt += 1
-            outcome.attempts = attempt
-            if not self.retryable(outcome) or attempt > retries:
+            outcome = attempt()
+            count += 1
+            outcome.attempts = count
+            if not self.retryable(outcome) or count > retries:
                 return outcome
-            delay = self.delivery.delay_s(attempt)
+            delay = self.delivery.delay_s(count)
             if outcome.status in (429, 503):
                 hinted = retry_after_s(outcome.headers.get("retry-after"))
                 if hinted is not None:
                     delay = max(delay, min(hinted, RETRY_AFTER_MAX_S))
             if self.stopping.wait(delay):
                 raise Abandoned(self.url)
+
+
+def split_batch_reply(events: list[Event], status: int, headers: dict[str, str], body: bytes) -> Outcome:
+    """A batched reply -> one outcome per event (the whole request failed when it is no batch of replies)."""
+    if not 200 <= status < 300:
+        return Outcome(False, status, body=body, headers=headers, error=f"HTTP {status}")
+    try:
+        mode, replies = decode_http(headers, body)
+    except FunctionError as exc:
+        return Outcome(False, status, body=body, headers=headers, error=f"unable to decode response: {exc.message}")
+    if mode != "batch":
+        return Outcome(False, status, body=body, headers=headers, error="a batched request got no batched reply")
+    by_request = {str(reply.get("requestid")): reply for reply in replies}
+    each: list[Outcome] = []
+    for event in events:
+        reply = by_request.get(event.id)
+        if reply is None:
+            each.append(Outcome(False, status, error="no reply for this event in the batched reply"))
+        elif reply.type == ERROR_EVENT_TYPE and isinstance(reply.data, dict):
+            code = reply.data.get("status")
+            failed_status = code if isinstance(code, int) else 500
+            each.append(
+                Outcome(False, failed_status, body=orjson.dumps(reply.data), error=str(reply.data.get("message")))
+            )
+        else:
+            each.append(Outcome(True, status, reply=reply))
+    return Outcome(True, status, headers=headers, each=each)
 
 
 def dead_letter_event(event: Event, destination: str, outcome: Outcome) -> Event:

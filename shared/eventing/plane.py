@@ -132,6 +132,7 @@ class EventPlane:
                 brokers[f"/{trigger.namespace}/{trigger.broker}"],
                 self._dead_letter(trigger.delivery, trigger.namespace),
                 concurrency=self.options.concurrency,
+                batch=trigger.batch,
             )
             self.senders[f"Trigger/{trigger.name}"] = sender
             broker = self.spec.brokers[f"{trigger.namespace}/{trigger.broker}"]

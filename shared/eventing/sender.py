@@ -11,6 +11,8 @@ record Kafka does not acknowledge stays uncommitted (and is delivered again afte
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +21,8 @@ from shared.eventing.sink import TopicTarget
 from shared.events import Event
 
 log = logging.getLogger(__name__)
+# Batched requests one batched sender keeps in flight (each carries up to `batch` events).
+BATCH_REQUESTS_IN_FLIGHT = 4
 Finish = Callable[[], None]
 Target = HttpSubscriber | TopicTarget
 
@@ -38,6 +42,7 @@ class Sender:
         reply_to: TopicTarget | None,
         dead_letter: Target | None,
         concurrency: int = 50,
+        batch: int = 1,
     ):
         self.owner = owner
         self.target = target
@@ -45,12 +50,50 @@ class Sender:
         self.dead_letter_target = dead_letter
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"send-{owner}")
         self.on_outcome: Callable[[Event, Outcome], None] | None = None  # for tests and `up`
+        self.batch = batch if isinstance(target, HttpSubscriber) else 1
+        self._queue: queue.SimpleQueue[tuple[Event, Finish] | None] = queue.SimpleQueue()
+        self._batchers = [
+            threading.Thread(target=self._batch_loop, name=f"batch-{owner}-{i}", daemon=True)
+            for i in range(BATCH_REQUESTS_IN_FLIGHT if self.batch > 1 else 0)
+        ]
+        for thread in self._batchers:
+            thread.start()
 
     def send(self, event: Event, finish: Finish) -> None:
         if isinstance(self.target, TopicTarget):
             self.target.send(event, self._acked(event, finish, f"sink {self.target.name}"))
+        elif self.batch > 1:
+            self._queue.put((event, finish))
         else:
             self.pool.submit(self._deliver, self.target, event, finish)
+
+    def _batch_loop(self) -> None:
+        """Take what is waiting (up to `batch` events, no added wait) and deliver it in one request."""
+        assert isinstance(self.target, HttpSubscriber)
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            while len(items) < self.batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._queue.put(None)  # for the next batcher
+                    break
+                items.append(item)
+            events = [event for event, _ in items]
+            try:
+                outcomes = self.target.deliver_batch(events)
+            except Abandoned:
+                continue  # shutting down: not final, not committed
+            except Exception as exc:  # a bug must not lose the events: dead-letter them with the error
+                log.exception("%s: batched delivery of %d events failed", self.owner, len(events))
+                outcomes = [Outcome(False, error=f"{type(exc).__name__}: {exc}") for _ in events]
+            for (event, finish), outcome in zip(items, outcomes, strict=True):
+                self._settle(self.target, event, outcome, finish)
 
     def _acked(self, event: Event, finish: Finish, what: str) -> Callable[[Exception | None], None]:
         def acked(err: Exception | None) -> None:
@@ -69,6 +112,10 @@ class Sender:
         except Exception as exc:  # a bug must not lose the event: dead-letter it with the error
             log.exception("%s: delivery of %s failed", self.owner, event.id)
             outcome = Outcome(False, error=f"{type(exc).__name__}: {exc}")
+        self._settle(target, event, outcome, finish)
+
+    def _settle(self, target: HttpSubscriber, event: Event, outcome: Outcome, finish: Finish) -> None:
+        """Reply into the broker, dead-letter, or finish, by the delivery's outcome."""
         if self.on_outcome is not None:
             self.on_outcome(event, outcome)
         if not outcome.ok:
@@ -104,4 +151,6 @@ class Sender:
         self.pool.submit(post)
 
     def close(self) -> None:
+        for _ in self._batchers:
+            self._queue.put(None)
         self.pool.shutdown(wait=False, cancel_futures=True)

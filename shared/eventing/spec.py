@@ -19,6 +19,9 @@ import yaml
 from shared.eventing.filters import MATCH_ALL, Filter, FilterError, compile_trigger_filter
 
 ORDER_ANNOTATION = "kafka.eventing.knative.dev/delivery.order"
+# Ours, ignored by Knative: deliver up to N events in one batched-CloudEvents request (the subscriber
+# must accept `application/cloudevents-batch+json`, as every onnxfn function does).
+BATCH_ANNOTATION = "onnxfn.dev/delivery.batch"
 CLASS_ANNOTATION = "eventing.knative.dev/broker.class"
 SERVICE_API = "serving.knative.dev/v1"
 DEFAULT_BACKOFF_DELAY_S = 1.0  # Kafka data plane default when `retry` is set without a delay
@@ -111,6 +114,7 @@ class TriggerSpec:
     subscriber: Destination
     delivery: Delivery
     ordered: bool
+    batch: int = 1
 
     @property
     def group_id(self) -> str:
@@ -229,6 +233,21 @@ def _delivery(d: _Doc, node: Any, where: str, namespace: str) -> Delivery | None
         timeout_s=parse_duration(timeout, f"{d.label}: {where}.timeout") if timeout is not None else None,
         dead_letter=_destination(d, dls, where + ".deadLetterSink", namespace) if dls is not None else None,
     )
+
+
+def _batch(d: Any, value: Any, ordered: bool) -> int:
+    where = f"metadata.annotations.{BATCH_ANNOTATION}"
+    if value is None:
+        return 1
+    try:
+        batch = int(str(value))
+    except ValueError:
+        raise d.error(where, f"{value!r}: expected a whole number of events") from None
+    if not 1 <= batch <= 1000:
+        raise d.error(where, f"{batch}: expected 1 to 1000 events")
+    if ordered and batch > 1:
+        raise d.error(where, "batched delivery needs an unordered trigger")
+    return batch
 
 
 def _meta(d: _Doc) -> tuple[str, str, dict[str, str]]:
@@ -405,7 +424,8 @@ def load(directory: Path, knative_dir: Path | None = None, services: Iterable[st
         if delivery.dead_letter:
             check_destination(d, delivery.dead_letter, "spec.delivery.deadLetterSink")
         ordered = _order(d, annotations.get(ORDER_ANNOTATION), f"metadata.annotations.{ORDER_ANNOTATION}", "unordered")
-        triggers.append(TriggerSpec(d.name, ns, brokers[broker_key].name, flt, subscriber, delivery, ordered))
+        batch = _batch(d, annotations.get(BATCH_ANNOTATION), ordered)
+        triggers.append(TriggerSpec(d.name, ns, brokers[broker_key].name, flt, subscriber, delivery, ordered, batch))
 
     sources = []
     for d, spec, ns in raw_sources:

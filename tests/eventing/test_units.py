@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from shared.eventing import spec
-from shared.eventing.delivery import Outcome, dead_letter_event, retry_after_s
+from shared.eventing.delivery import Outcome, dead_letter_event, retry_after_s, split_batch_reply
 from shared.eventing.filters import FilterError, compile_trigger_filter
 from shared.eventing.kafka_binding import from_record, to_record, wrap_record
 from shared.eventing.offsets import OffsetTracker
-from shared.events import Event, new_event
+from shared.events import ERROR_EVENT_TYPE, Event, encode_http, new_event, result_event
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -164,6 +164,20 @@ SVC = "  subscriber: {ref: {apiVersion: serving.knative.dev/v1, kind: Service, n
         (_trigger("  filters: [{exact: {type: a}, suffix: {type: b}}]\n" + SVC), "multiple dialects"),
         (_trigger("  delivery: {backoffDelay: 1s}\n  filter: {attributes: {type: a}}\n" + SVC), "ISO-8601"),
         ("kind: Broker\n  bad: [", "not valid YAML"),
+        (
+            _trigger("  filter: {attributes: {type: a}}\n" + SVC).replace(
+                "metadata: {name: t1}", "metadata: {name: t1, annotations: {onnxfn.dev/delivery.batch: many}}"
+            ),
+            "whole number of events",
+        ),
+        (
+            _trigger("  filter: {attributes: {type: a}}\n" + SVC).replace(
+                "metadata: {name: t1}",
+                "metadata: {name: t1, annotations: {onnxfn.dev/delivery.batch: '8', "
+                "kafka.eventing.knative.dev/delivery.order: ordered}}",
+            ),
+            "needs an unordered trigger",
+        ),
         (BROKER + "apiVersion: x/v1\nkind: Frobnicator\nmetadata: {name: f}\n", "unsupported kind"),
     ],
 )
@@ -185,3 +199,27 @@ def test_loop_through_two_functions(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(spec, "_result_types", lambda fn: results[fn])
     with pytest.raises(spec.SpecError, match=r"loop: .*a answers a\.result.*b answers a\.request"):
         spec.load(tmp_path, services=("a", "b"))
+
+
+def test_a_batched_reply_is_split_into_one_outcome_per_event() -> None:
+    requests = [new_event("t.request", "/s", {"i": i}) for i in range(4)]
+    ok0 = result_event(requests[0], "t.result", "/functions/f", {"v": 0}, "1", "f-v1")
+    bad = result_event(requests[1], ERROR_EVENT_TYPE, "/functions/f", {"status": 400, "message": "no image"}, "1", "r")
+    ok3 = result_event(requests[3], "t.result", "/functions/f", {"v": 3}, "1", "f-v1")
+    headers, body = encode_http("batch", [ok3, bad, ok0])  # any order: matched by requestid
+    whole = split_batch_reply(requests, 200, {k.lower(): v for k, v in headers.items()}, body)
+    assert whole.ok and whole.each is not None
+    first, second, third, fourth = whole.each
+    assert first.ok and first.reply is not None and first.reply.data == {"v": 0}
+    assert not second.ok and second.status == 400 and b"no image" in second.body
+    assert not third.ok and "no reply" in third.error  # the subscriber lost it: a failure, never a silent skip
+    assert fourth.ok and fourth.reply is not None and fourth.reply.data == {"v": 3}
+
+
+def test_a_failed_batched_request_fails_as_a_whole() -> None:
+    requests = [new_event("t.request", "/s", {})]
+    busy = split_batch_reply(requests, 503, {"retry-after": "1"}, b"busy")
+    assert not busy.ok and busy.status == 503 and busy.each is None
+    headers, body = encode_http("binary", [result_event(requests[0], "t.result", "/f", {}, "1", "r")])
+    single = split_batch_reply(requests, 200, {k.lower(): v for k, v in headers.items()}, body)
+    assert not single.ok and "no batched reply" in single.error
