@@ -37,7 +37,7 @@ class KafkaConfig:
             "bootstrap.servers": self.bootstrap_servers,
             "acks": "all",
             "enable.idempotence": True,
-            "linger.ms": 1,
+            "linger.ms": 5,
             **self.client,
             **extra,
         }
