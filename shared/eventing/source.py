@@ -12,8 +12,7 @@ import logging
 from typing import Any
 
 from shared.errors import InvalidEvent
-from shared.eventing.broker_process import KafkaConfig
-from shared.eventing.dispatcher import Dispatcher, Finish
+from shared.eventing.dispatcher import Finish
 from shared.eventing.kafka_binding import from_record, is_structured, wrap_record
 from shared.eventing.sender import Sender
 from shared.eventing.spec import KafkaSourceSpec
@@ -57,19 +56,3 @@ class SourceHandler:
         if self.spec.extensions:
             event.attributes.update(self.spec.extensions)
         self.sender.send(event, finish)
-
-
-def source_dispatcher(
-    spec: KafkaSourceSpec, config: KafkaConfig, sender: Sender, max_pending: int = 2000
-) -> Dispatcher:
-    """The consumer loop of one KafkaSource. `initialOffset` applies to partitions with no committed offset."""
-    return Dispatcher(
-        f"source-{spec.name}",
-        config,
-        spec.consumer_group,
-        list(spec.topics),
-        SourceHandler(spec, sender),
-        ordered=spec.ordered,
-        max_pending=max_pending,
-        offset_reset=spec.initial_offset,
-    )

@@ -16,12 +16,11 @@ import threading
 from typing import Any
 
 from shared.errors import InvalidEvent
-from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.delivery import Outcome
-from shared.eventing.dispatcher import Dispatcher, Finish
+from shared.eventing.dispatcher import Finish
 from shared.eventing.kafka_binding import from_record, wrap_record
 from shared.eventing.sender import Sender, describe
-from shared.eventing.spec import BrokerSpec, TriggerSpec
+from shared.eventing.spec import TriggerSpec
 from shared.events import Event
 
 log = logging.getLogger(__name__)
@@ -74,18 +73,3 @@ class TriggerHandler:
             finish()
             return
         self.sender.send(Event(dict(event.attributes), event.data, _raw=event._raw), finish)
-
-
-def trigger_dispatcher(
-    trigger: TriggerSpec, broker: BrokerSpec, config: KafkaConfig, sender: Sender, max_pending: int = 2000
-) -> Dispatcher:
-    """The consumer loop of one trigger on its broker's topic."""
-    return Dispatcher(
-        f"trigger-{trigger.name}",
-        config,
-        trigger.group_id,
-        [broker.topic],
-        TriggerHandler(trigger, sender),
-        ordered=trigger.ordered,
-        max_pending=max_pending,
-    )
