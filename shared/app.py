@@ -1,18 +1,22 @@
-"""The WSGI app of one function: a lean CloudEvents endpoint at `POST /`, Flask for the rest.
+"""The ASGI app of one function: the hot paths on the event loop, Flask for the rest.
 
-`POST /` is the hot path (thousands of requests a second on two cores), so it reads the WSGI
-environ directly instead of building a Flask request; every other route (health, Open Inference
-Protocol v2, metrics) is a plain Flask view. Errors map to HTTP through `errors.status_of`.
+`POST /` (CloudEvents) and `POST /v2/models/<name>[/versions/<v>]/infer` (Open Inference Protocol)
+are the hot paths (thousands of requests a second on two cores): they read the ASGI scope directly
+and await the pipeline, so concurrent requests of one worker batch together. Every other route
+(health, OIP metadata and readiness, metrics) is a plain Flask view, run through a2wsgi's WSGI
+bridge. Errors map to HTTP through `FunctionError.status`. Bodies are capped while they are read.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import orjson
+from a2wsgi import WSGIMiddleware
 from flask import Flask, Response, request
 
 from shared.errors import FunctionError, InvalidEvent, PayloadTooLarge
@@ -22,106 +26,162 @@ from shared.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
-JSON = "application/json"
-REASONS = {
-    200: "OK",
-    202: "Accepted",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Content Too Large",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+JSON = b"application/json"
+INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 
 
-def error_response(error: BaseException) -> tuple[int, list[tuple[str, str]], bytes]:
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+def error_response(error: BaseException) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """(status, headers, JSON body) for any exception; unexpected ones become a 500 with no internals."""
     if isinstance(error, FunctionError):
         status, body = error.status, error.to_json()
     else:
         status, body = 500, {"error": "InternalError", "message": "unexpected server error"}
-    headers = [("Content-Type", JSON)]
+    headers = [(b"content-type", JSON)]
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after:
-        headers.append(("Retry-After", str(retry_after)))
+        headers.append((b"retry-after", str(retry_after).encode()))
     return status, headers, orjson.dumps(body)
 
 
-def _read_body(environ: dict[str, Any], limit: int) -> bytes:
-    length = environ.get("CONTENT_LENGTH")
-    stream = environ["wsgi.input"]
-    if length:
-        try:
-            size = int(length)
-        except ValueError:
-            raise InvalidEvent(f"invalid Content-Length {length!r}") from None
-        if size > limit:
-            raise PayloadTooLarge(f"body of {size} bytes is over the {limit}-byte limit")
-        body: bytes = stream.read(size)
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise InvalidEvent(f"invalid Content-Length {value.decode('latin-1')!r}")
+            return int(value)
+    return None
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    length = _content_length(scope)
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        if message["type"] == "http.disconnect":
+            raise ClientGone
         return body
-    body = stream.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-    return body
+    chunks, size = [body], len(body)
+    while message.get("more_body"):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _headers(environ: dict[str, Any]) -> dict[str, str]:
-    """Content-Type and every `ce-*` header, lower-cased, from the WSGI environ."""
-    headers = {key[5:].lower().replace("_", "-"): value for key, value in environ.items() if key[:8] == "HTTP_CE_"}
-    content_type = environ.get("CONTENT_TYPE")
-    if content_type:
-        headers["content-type"] = content_type
+def event_headers(scope: Scope) -> dict[str, str]:
+    """Content-Type and every `ce-*` header (names lower-case); a repeated `ce-*` header is refused."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope["headers"]:
+        if raw_name[:3] == b"ce-" or raw_name == b"content-type":
+            name = raw_name.decode("latin-1")
+            if name in headers:
+                raise InvalidEvent(f"header {name} appears more than once")
+            headers[name] = raw_value.decode("latin-1")
     return headers
 
 
-class CloudEventsEndpoint:
-    """`POST /`: decode, run the pipeline, answer in the request's mode."""
+async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class HotPaths:
+    """`POST /` and the OIP infer route: decode, run the pipeline, answer."""
 
     def __init__(self, pipeline: Pipeline, max_body_bytes: int) -> None:
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
         self.metrics = pipeline.metrics
+        self.name = pipeline.config.name
+        self.versions = set(pipeline.config.model_versions) | {pipeline.model_version}
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+    async def cloudevents(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         with self.pipeline.request():
             try:
-                if environ["REQUEST_METHOD"] != "POST":
-                    start_response("405 Method Not Allowed", [("Allow", "POST"), ("Content-Type", JSON)])
-                    return [b'{"error":"MethodNotAllowed","message":"send CloudEvents with POST"}']
-                body = _read_body(environ, self.max_body_bytes)
-                mode, events = decode_http(_headers(environ), body)
-                batch = mode == "batch"
-                replies = self.pipeline.process_batch(events) if batch else [self.pipeline.process(events[0])]
+                body = await read_body(scope, receive, self.max_body_bytes)
+                mode, events = decode_http(event_headers(scope), body)
+                if mode == "batch":
+                    replies = await self.pipeline.process_batch(events)
+                else:
+                    replies = [await self.pipeline.process(events[0])]
                 headers, payload = encode_http(mode, replies)
                 status = 200
-                response_headers = list(headers.items())
+                response_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
                 self.metrics.events("ok", len(events))
+            except ClientGone:
+                return
             except Exception as exc:
-                status, response_headers, payload = error_response(exc)
-                if status >= 500 and not isinstance(exc, FunctionError):
-                    log.exception("unexpected error on POST /")
-                else:
-                    log.debug("POST / -> %d: %s", status, exc)
+                status, response_headers, payload = self._failed(exc, "POST /")
                 self.metrics.events("error" if status >= 500 else "rejected")
-        self.metrics.request("cloudevents", status)
-        self.metrics.latency.observe(time.perf_counter() - started)
-        response_headers.append(("Content-Length", str(len(payload))))
-        start_response(f"{status} {REASONS.get(status, '')}", response_headers)
-        return [payload]
+            self.metrics.request("cloudevents", status)
+            self.metrics.latency.observe(time.perf_counter() - started)
+            await respond(send, status, response_headers, payload)
+
+    async def infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        started = time.perf_counter()
+        with self.pipeline.request():
+            try:
+                if model != self.name or (version is not None and version not in self.versions):
+                    status, headers, payload = 404, [(b"content-type", JSON)], self._unknown(model, version)
+                else:
+                    body = await read_body(scope, receive, self.max_body_bytes)
+                    try:
+                        parsed = orjson.loads(body)
+                    except orjson.JSONDecodeError as exc:
+                        raise InvalidEvent(f"body is not valid JSON: {exc}") from None
+                    feeds, request_id = decode_request(parsed)
+                    outputs = await self.pipeline.infer_tensors(feeds)
+                    answer = encode_response(self.name, self.pipeline.model_version, outputs, request_id)
+                    status, headers = 200, [(b"content-type", JSON)]
+                    payload = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+            except ClientGone:
+                return
+            except Exception as exc:
+                status, headers, payload = self._failed(exc, scope["path"])
+            self.metrics.request("/v2/models/<model>/infer", status)
+            self.metrics.latency.observe(time.perf_counter() - started)
+            await respond(send, status, headers, payload)
+
+    def _unknown(self, model: str, version: str | None) -> bytes:
+        what = f"model {model!r}" if model != self.name else f"version {version!r} of {model!r}"
+        return orjson.dumps({"error": "NotFound", "message": f"no {what} here (this function serves {self.name!r})"})
+
+    @staticmethod
+    def _failed(exc: Exception, where: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        status, headers, payload = error_response(exc)
+        if status >= 500 and not isinstance(exc, FunctionError):
+            log.exception("unexpected error on %s", where)
+        else:
+            log.debug("%s -> %d: %s", where, status, exc)
+        return status, headers, payload
 
 
 def create_flask_app(pipeline: Pipeline) -> Flask:
-    """Health, Open Inference Protocol v2 and metrics routes."""
+    """Health, Open Inference Protocol metadata and readiness, and metrics routes."""
     app = Flask(f"onnxfn.{pipeline.config.name}")
     name, version = pipeline.config.name, pipeline.model_version
 
     def json(body: Any, status: int = 200) -> Response:
-        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, mimetype=JSON)
+        return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, mimetype="application/json")
 
     def readiness() -> Response:
         if pipeline.server_ready:
@@ -139,7 +199,7 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
         status, headers, body = error_response(error)
         if status >= 500 and not isinstance(error, FunctionError):
             log.exception("unexpected error on %s %s", request.method, request.path)
-        return Response(body, status, headers)
+        return Response(body, status, [(k.decode(), v.decode()) for k, v in headers])
 
     @app.get("/health/liveness")
     @app.get("/v2/health/live")
@@ -158,22 +218,6 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
     def model_ready(model: str) -> Response:
         _known(model)
         return readiness()
-
-    @app.post("/v2/models/<model>/infer")
-    def infer(model: str) -> Response:
-        _known(model)
-        started = time.perf_counter()
-        body = request.get_data(cache=False)
-        if len(body) > pipeline.settings.max_body_bytes:
-            raise PayloadTooLarge(f"body is over the {pipeline.settings.max_body_bytes}-byte limit")
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidEvent(f"body is not valid JSON: {exc}") from None
-        feeds, request_id = decode_request(parsed)
-        outputs = pipeline.infer_tensors(feeds)
-        pipeline.metrics.latency.observe(time.perf_counter() - started)
-        return json(encode_response(name, version, outputs, request_id))
 
     def _known(model: str) -> None:
         if model != name:
@@ -194,15 +238,50 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
     return app
 
 
-def create_app(pipeline: Pipeline, max_body_bytes: int) -> WSGIApp:
-    """The function's WSGI app: `/` to the CloudEvents endpoint, everything else to Flask."""
-    flask_app = create_flask_app(pipeline)
-    endpoint = CloudEventsEndpoint(pipeline, max_body_bytes)
-    flask_wsgi = flask_app.wsgi_app
+def create_app(pipeline: Pipeline, max_body_bytes: int) -> ASGIApp:
+    """The function's ASGI app: hot paths on the loop, everything else through Flask.
 
-    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/":
-            return endpoint(environ, start_response)
-        return flask_wsgi(environ, start_response)
+    The lifespan starts the pipeline (model load in the background) and, at shutdown, lets the
+    inference thread finish.
+    """
+    hot = HotPaths(pipeline, max_body_bytes)
+    flask_asgi = WSGIMiddleware(create_flask_app(pipeline).wsgi_app)  # type: ignore[arg-type]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            path = scope["path"]
+            if path == "/":
+                if scope["method"] == "POST":
+                    await hot.cloudevents(scope, receive, send)
+                    return
+                status, headers, payload = (
+                    405,
+                    [(b"allow", b"POST"), (b"content-type", JSON)],
+                    (b'{"error":"MethodNotAllowed","message":"send CloudEvents with POST"}'),
+                )
+                pipeline.metrics.request("cloudevents", status)
+                await respond(send, status, headers, payload)
+                return
+            if scope["method"] == "POST" and path.endswith("/infer"):
+                match = INFER_PATH.match(path)
+                if match:
+                    await hot.infer(scope, receive, send, match.group(1), match.group(2))
+                    return
+            await flask_asgi(scope, receive, send)  # type: ignore[arg-type]
+        elif kind == "lifespan":
+            await _lifespan(pipeline, receive, send)
 
     return app
+
+
+async def _lifespan(pipeline: Pipeline, receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            pipeline.start(background=True)
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            pipeline.close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return

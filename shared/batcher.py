@@ -1,20 +1,25 @@
-"""DynamicBatcher: gathers concurrent requests inside one process into one model run.
+"""DynamicBatcher: gathers the requests of one event loop into model runs.
 
-Request threads `submit()` items (model feeds with a leading batch axis) and block until their rows
-come back. One batcher thread takes what is queued (up to `max_batch_size` rows), waits at most
-`max_queue_delay` for more only while other requests of this process are still on their way (so a
-lone request never waits), groups items whose non-batch shapes agree (bucketed sequence lengths),
-concatenates, runs, and hands each item its rows. The queue is bounded: a full queue raises
-QueueFull (HTTP 429 with Retry-After) instead of growing latency without bound.
+Request coroutines `submit()` items (model feeds with a leading batch axis) and await their rows.
+Nothing waits on a timer: the first item schedules a drain for the loop's next turn, by which time
+every request that arrived in the same turn has queued too; while a run is in progress, new items
+queue and go together in the next run. So a lone request runs at once and a loaded server forms
+batches from concurrent connections. Items whose non-batch shapes differ run as separate groups.
+
+A model run happens either inline on the loop (models so fast that a thread hand-off would cost
+more than the run: HTTP-bound models) or in one inference thread (onnxruntime releases the GIL,
+so the loop keeps parsing requests meanwhile). The queue is bounded: a full queue raises QueueFull
+(HTTP 429 with Retry-After) instead of growing latency without bound.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -30,136 +35,125 @@ BatchObserver = Callable[[int, list[float], float], None]
 
 
 class _Item:
-    __slots__ = ("done", "error", "feeds", "outputs", "rows", "signature", "t_enqueued")
+    __slots__ = ("feeds", "future", "rows", "signature", "t_enqueued")
 
-    def __init__(self, feeds: Feeds) -> None:
+    def __init__(self, feeds: Feeds, future: asyncio.Future[Feeds]) -> None:
         self.feeds = feeds
+        self.future = future
         first = next(iter(feeds.values()))
         self.rows = int(first.shape[0]) if first.ndim else 1
         self.signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
-        self.outputs: Feeds | None = None
-        self.error: BaseException | None = None
-        self.done = threading.Lock()
-        self.done.acquire()
         self.t_enqueued = time.perf_counter()
 
 
 class DynamicBatcher:
-    """One batching thread in front of a model's run function."""
+    """Batches one event loop's items in front of a model's run function."""
 
     def __init__(
         self,
         run: RunFn,
         *,
         max_batch_size: int,
-        max_queue_delay_s: float,
         capacity: int,
+        inline: bool = False,
         observe: BatchObserver | None = None,
-        timeout_s: float = 60.0,
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_s
-        self.timeout_s = timeout_s
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=capacity)
+        self.capacity = capacity
+        self.inline = inline
         self._observe = observe
-        self._carry: _Item | None = None
-        self._inflight = 0
-        self._inflight_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="onnxfn-batcher", daemon=True)
-        self._thread.start()
+        self._pending: deque[_Item] = deque()
+        self._busy = False  # a drain is scheduled or a run is in progress
+        self._executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnxfn-infer")
 
-    # -- request side -------------------------------------------------------------------------------
-    def arriving(self) -> None:
-        """Tell the batcher a request has arrived and will submit soon (lets it wait for company)."""
-        with self._inflight_lock:
-            self._inflight += 1
+    # -- request side (on the loop) -----------------------------------------------------------------
+    def submit(self, feeds: Feeds, *, admitted: bool = False) -> asyncio.Future[Feeds]:
+        """Queue one item; its future resolves to the item's output rows.
 
-    def left(self) -> None:
-        """The request announced by `arriving()` is finished (answered or failed)."""
-        with self._inflight_lock:
-            self._inflight -= 1
+        Raises QueueFull when `capacity` items wait, unless `admitted` (the later items of one
+        batched request whose first item was let in: a request larger than the queue still runs).
+        """
+        if not admitted and len(self._pending) >= self.capacity:
+            raise QueueFull(f"batch queue full ({self.capacity} items waiting); retry later")
+        loop = asyncio.get_running_loop()
+        item = _Item(feeds, loop.create_future())
+        self._pending.append(item)
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._drain)
+        return item.future
 
-    def submit(self, feeds: Feeds) -> _Item:
-        """Queue one item; raises QueueFull when the queue is at capacity."""
-        item = _Item(feeds)
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise QueueFull(f"batch queue full ({self._queue.maxsize} items waiting); retry later") from None
-        return item
-
-    def result(self, item: _Item) -> Feeds:
-        """Block until `item` has run; returns its output rows."""
-        if not item.done.acquire(timeout=self.timeout_s):
-            raise InferenceFailed(f"inference did not finish within {self.timeout_s:.0f} s")
-        if item.error is not None:
-            raise item.error
-        assert item.outputs is not None
-        return item.outputs
-
-    def infer(self, feeds: Feeds) -> Feeds:
-        """Submit and wait: the convenience path for one item."""
-        return self.result(self.submit(feeds))
+    async def infer(self, feeds: Feeds) -> Feeds:
+        return await self.submit(feeds)
 
     @property
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
-    # -- batching thread ----------------------------------------------------------------------------
-    def _gather(self) -> list[_Item]:
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        batch, rows = [first], first.rows
-        deadline = first.t_enqueued + self.max_queue_delay_s
-        while rows < self.max_batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0 or self._inflight <= len(batch):
-                    break
-                try:
-                    item = self._queue.get(timeout=remaining)
-                except queue.Empty:
-                    break
-            if rows + item.rows > self.max_batch_size:
-                self._carry = item
-                break
-            batch.append(item)
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # -- batching (on the loop) ---------------------------------------------------------------------
+    def _take(self) -> list[list[_Item]]:
+        """Up to `max_batch_size` rows of queued items (at least one item), grouped by signature."""
+        first = self._pending.popleft()
+        groups: dict[tuple[Any, ...], list[_Item]] = {first.signature: [first]}
+        rows = first.rows
+        while self._pending and rows + self._pending[0].rows <= self.max_batch_size:
+            item = self._pending.popleft()
+            groups.setdefault(item.signature, []).append(item)
             rows += item.rows
-        return batch
+        return list(groups.values())
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._gather()
-            groups: dict[tuple[Any, ...], list[_Item]] = {}
-            for item in batch:
-                groups.setdefault(item.signature, []).append(item)
-            for items in groups.values():
-                self._run_group(items)
+    def _drain(self) -> None:
+        if not self._pending:
+            self._busy = False
+            return
+        groups = self._take()
+        loop = asyncio.get_running_loop()
+        if self._executor is None:
+            self._deliver(groups, [self._compute(items) for items in groups])
+            loop.call_soon(self._drain)
+            return
+        running = loop.run_in_executor(self._executor, self._compute_all, groups)
+        running.add_done_callback(lambda done: self._finished(groups, done))
 
-    def _run_group(self, items: list[_Item]) -> None:
+    def _finished(self, groups: list[list[_Item]], done: asyncio.Future[list[Any]]) -> None:
+        self._deliver(groups, done.result())
+        self._drain()
+
+    def _compute_all(self, groups: list[list[_Item]]) -> list[tuple[Feeds | BaseException, float, float]]:
+        return [self._compute(items) for items in groups]
+
+    def _compute(self, items: list[_Item]) -> tuple[Feeds | BaseException, float, float]:
+        """(outputs or the failure, started, finished) of one group's run."""
         started = time.perf_counter()
         try:
             if len(items) == 1:
                 feeds = items[0].feeds
             else:
                 feeds = {name: np.concatenate([i.feeds[name] for i in items]) for name in items[0].feeds}
-            outputs = self._run(feeds)
+            outcome: Feeds | BaseException = self._run(feeds)
+        except Exception as exc:  # every item gets the failure; the batcher lives on
+            log.exception("model run failed for a batch of %d item(s)", len(items))
+            outcome = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+        return outcome, started, time.perf_counter()
+
+    def _deliver(
+        self, groups: Iterable[list[_Item]], results: list[tuple[Feeds | BaseException, float, float]]
+    ) -> None:
+        for items, (outcome, started, finished) in zip(groups, results, strict=True):
             offset = 0
             for item in items:
                 stop = offset + item.rows
-                item.outputs = {name: value[offset:stop] for name, value in outputs.items()}
+                if item.future.done():  # the request went away (client disconnected)
+                    pass
+                elif isinstance(outcome, BaseException):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result({name: value[offset:stop] for name, value in outcome.items()})
                 offset = stop
-        except Exception as exc:  # every item gets the failure; the thread lives on
-            log.exception("model run failed for a batch of %d item(s)", len(items))
-            error = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
-            for item in items:
-                item.error = error
-        finished = time.perf_counter()
-        for item in items:
-            item.done.release()
-        if self._observe is not None:
-            rows = sum(i.rows for i in items)
-            self._observe(rows, [started - i.t_enqueued for i in items], finished - started)
+            if self._observe is not None:
+                self._observe(sum(i.rows for i in items), [started - i.t_enqueued for i in items], finished - started)

@@ -77,7 +77,6 @@ class Settings:
     intra_op_threads: int | None = None
     intra_op_spinning: bool | None = None
     max_batch_size: int | None = None
-    max_queue_delay_ms: float | None = None
     queue_capacity: int | None = None
     max_body_bytes: int = 1 << 20
     graceful_timeout_s: int = 20
@@ -113,7 +112,6 @@ class Settings:
             intra_op_threads=_int(env, PREFIX + "INTRA_OP_THREADS", None, 1),
             intra_op_spinning=_bool(env, PREFIX + "INTRA_OP_SPINNING"),
             max_batch_size=_int(env, PREFIX + "MAX_BATCH_SIZE", None, 1),
-            max_queue_delay_ms=_float(env, PREFIX + "MAX_QUEUE_DELAY_MS", None),
             queue_capacity=_int(env, PREFIX + "QUEUE_CAPACITY", None, 1),
             max_body_bytes=_int(env, PREFIX + "MAX_BODY_BYTES", 1 << 20, 1) or 1 << 20,
             graceful_timeout_s=_int(env, PREFIX + "GRACEFUL_TIMEOUT", 20, 0) or 0,

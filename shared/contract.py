@@ -31,7 +31,6 @@ class Batching:
     """Dynamic batching limits of one function (per process)."""
 
     max_batch_size: int = 32
-    max_queue_delay_ms: float = 1.0
     queue_capacity: int = 512
 
 

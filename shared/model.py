@@ -1,6 +1,7 @@
 """OnnxModel: one onnxruntime session, built deliberately, with input metadata and a typed run.
 
-Knows nothing of HTTP or events. Session options:
+Knows nothing of HTTP or events. onnxruntime is imported on first use, never at module import
+(the gunicorn master imports this module and must not hold onnxruntime's threads across a fork). Session options:
 - graph optimisation ORT_ENABLE_ALL, the optimised graph cached on disk (keyed by model bytes,
   onnxruntime version and providers) so a cold start loads it with optimisation off;
 - intra-op threads sized to cores / workers, one inter-op thread, spinning off when several
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def gpu_visible() -> bool:
 
 def _preload_cuda_libraries() -> None:
     """Load CUDA/cuDNN from the NVIDIA pip wheels when they are installed (onnxruntime-gpu >= 1.21)."""
+    import onnxruntime as ort
+
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         try:
@@ -71,6 +73,8 @@ def _preload_cuda_libraries() -> None:
 
 def choose_providers(requested: str) -> list[str]:
     """Execution providers for `requested` in auto|cpu|cuda|tensorrt; CPU always last."""
+    import onnxruntime as ort
+
     available = set(ort.get_available_providers())
     providers: list[str] = []
     want_gpu = requested in ("cuda", "tensorrt") or (requested == "auto" and gpu_visible())
@@ -92,6 +96,8 @@ def _spec(arg: Any) -> TensorSpec:
 
 
 def _cache_path(model_path: Path, cache_dir: Path, providers: list[str]) -> Path:
+    import onnxruntime as ort
+
     digest = hashlib.sha256()
     digest.update(model_path.read_bytes())
     digest.update(ort.__version__.encode())
@@ -111,6 +117,8 @@ class OnnxModel:
         spinning: bool = False,
         cache_dir: Path | None = None,
     ) -> None:
+        import onnxruntime as ort
+
         if not model_path.is_file():
             raise FileNotFoundError(f"model file {model_path} not found (run `onnxfn build-models`)")
         self.path = model_path

@@ -7,6 +7,7 @@ times each stage into Metrics. HTTP, Kafka and benchmarks all go through `Pipeli
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -34,6 +35,12 @@ from shared.readiness import WorkerReadiness
 
 log = logging.getLogger(__name__)
 
+# A model whose one-row run takes less than this runs inline on the event loop: a hand-off to the
+# inference thread and back (~0.05-0.1 ms of CPU) would cost more than the run.
+INLINE_RUN_S = 0.0002
+# Warm-up beyond the first run is skipped when it would take longer than this.
+WARM_UP_BUDGET_S = 0.02
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -44,14 +51,12 @@ class Layout:
     intra_op_threads: int
     spinning: bool
     max_batch_size: int
-    max_queue_delay_s: float
     queue_capacity: int
 
     @classmethod
     def of(cls, config: FunctionConfig, settings: Settings) -> Layout:
         workers = settings.workers or config.workers
         intra = settings.intra_op_threads or max(1, available_cores() // workers)
-        delay_ms = settings.max_queue_delay_ms
         return cls(
             workers=workers,
             threads=settings.threads or config.threads,
@@ -59,7 +64,6 @@ class Layout:
             # Spinning threads steal the cores the HTTP threads need between runs: off unless asked.
             spinning=bool(settings.intra_op_spinning),
             max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
-            max_queue_delay_s=(config.batching.max_queue_delay_ms if delay_ms is None else delay_ms) / 1000,
             queue_capacity=settings.queue_capacity or config.batching.queue_capacity,
         )
 
@@ -119,15 +123,19 @@ class Pipeline:
                     spinning=self.layout.spinning,
                     cache_dir=self.settings.cache_dir,
                 )
+                bind = getattr(self.handler, "bind_model", None)
+                if bind is not None:
+                    bind(self.model)
+            t1 = time.perf_counter()
+            run_s = self._warm_up()
+            if self.model is not None:
                 self.batcher = DynamicBatcher(
                     self.model.run,
                     max_batch_size=self.layout.max_batch_size,
-                    max_queue_delay_s=self.layout.max_queue_delay_s,
                     capacity=self.layout.queue_capacity,
+                    inline=not self.model.on_gpu and run_s < INLINE_RUN_S,
                     observe=self.metrics.observe_batch,
                 )
-            t1 = time.perf_counter()
-            self._warm_up()
             t2 = time.perf_counter()
         except Exception as exc:
             if self.load_error is None:
@@ -135,38 +143,56 @@ class Pipeline:
             self.load_error = f"{type(exc).__name__}: {exc}"
             return False
         self.load_error = None
-        self.timings.update(model_load_s=t1 - t0, warmup_s=t2 - t1, ready_at=time.time())
+        self.timings.update(model_load_s=t1 - t0, warmup_s=t2 - t1, run_ms=run_s * 1000, ready_at=time.time())
         self.metrics.model_load.observe(t1 - t0)
         self.metrics.warmup.observe(t2 - t1)
         self._ready.set()
         self.workers.mark_ready()
         log.info(
-            "function %s ready: load %.3f s, warm-up %.3f s, providers %s",
+            "function %s ready: load %.3f s, warm-up %.3f s, one row %.3f ms (%s), providers %s",
             self.config.name,
             t1 - t0,
             t2 - t1,
+            run_s * 1000,
+            "inline" if self.batcher is not None and self.batcher.inline else "inference thread",
             self.model.providers if self.model else "none",
         )
         return True
 
-    def _warm_up(self) -> None:
-        """Run the example at batch 1 and at the largest batch, so first requests pay no allocation."""
+    def _warm_up(self) -> float:
+        """Run the example through preprocess, model and postprocess; returns one row's run time (s).
+
+        The largest batch is run too only when that is cheap (it saves the first loaded batch its
+        allocations); for a slow model it would cost more start time than it saves.
+        """
         example = self.handler.example()
         feeds = self.handler.preprocess(example)
         if self.model is None:
             self.handler.postprocess({k: v[0] for k, v in feeds.items()}, example)
-            return
+            return 0.0
         outputs = self.model.run(feeds)
         self.handler.postprocess({k: v[0] for k, v in outputs.items()}, example)
+        timed = []
+        for _ in range(3):
+            started = time.perf_counter()
+            self.model.run(feeds)
+            timed.append(time.perf_counter() - started)
+            if timed[-1] > WARM_UP_BUDGET_S:
+                break
+        run_s = sorted(timed)[len(timed) // 2]
         rows = self.layout.max_batch_size
-        self.model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
+        if run_s * rows <= WARM_UP_BUDGET_S:
+            self.model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
+        return run_s
 
-    def _await_ready(self) -> None:
+    async def _await_ready(self) -> None:
         """Hold a request that arrives while the model is still loading (bounded); 503 after that,
         or at once when loading failed."""
-        if self.load_error is None and self._ready.wait(self.settings.ready_wait_s):
-            return
-        raise self.not_ready_error()
+        deadline = time.monotonic() + self.settings.ready_wait_s
+        while self.load_error is None and not self._ready.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        if not self._ready.is_set():
+            raise self.not_ready_error()
 
     @property
     def server_ready(self) -> bool:
@@ -183,16 +209,11 @@ class Pipeline:
     # -- requests -----------------------------------------------------------------------------------
     @contextmanager
     def request(self) -> Iterator[None]:
-        """Bracket one HTTP request: in-flight gauge, and tells the batcher company is coming."""
-        batcher = self.batcher
+        """Bracket one HTTP request (the in-flight gauge)."""
         self.metrics.inflight.inc()
-        if batcher is not None:
-            batcher.arriving()
         try:
             yield
         finally:
-            if batcher is not None:
-                batcher.left()
             self.metrics.inflight.dec()
 
     def _preprocess(self, event: Event) -> Feeds:
@@ -223,40 +244,52 @@ class Pipeline:
             out = out.data
         return result_event(event, type_, self.source, out, self.model_version, self.revision)
 
-    def process(self, event: Event) -> Event:
+    async def process(self, event: Event) -> Event:
         """One request event -> its result event. Raises FunctionError."""
         if not self._ready.is_set():
-            self._await_ready()
+            await self._await_ready()
         feeds = self._preprocess(event)
         if self.batcher is None:
             return self._finish(event, feeds)
-        return self._finish(event, self.batcher.infer(feeds))
+        return self._finish(event, await self.batcher.submit(feeds))
 
-    def process_batch(self, events: list[Event]) -> list[Event]:
+    async def process_batch(self, events: list[Event]) -> list[Event]:
         """Many events in one request, all through the batcher together.
 
         An event that is invalid (a 4xx) becomes an error event in its place, so the others are not
-        lost; a retryable failure (429, 5xx) fails the whole request so the sender retries it.
+        lost; a retryable failure (429, 5xx) fails the whole request so the sender retries it. The
+        request is let in when the queue has room for its first event (so one larger than the queue
+        still runs).
         """
         if not self._ready.is_set():
-            self._await_ready()
+            await self._await_ready()
         pending: list[Any] = []
+        admitted = False
         for event in events:
             try:
                 feeds = self._preprocess(event)
             except FunctionError as exc:
                 pending.append(exc)
                 continue
-            pending.append(self.batcher.submit(feeds) if self.batcher is not None else feeds)
+            if self.batcher is None:
+                pending.append(feeds)
+                continue
+            pending.append(self.batcher.submit(feeds, admitted=admitted))
+            admitted = True
         results: list[Event] = []
+        failure: BaseException | None = None
         for event, item in zip(events, pending, strict=True):
             if isinstance(item, FunctionError):
                 results.append(self.error_event(event, item))
             elif isinstance(item, dict):
                 results.append(self._finish(event, item))
             else:
-                assert self.batcher is not None
-                results.append(self._finish(event, self.batcher.result(item)))
+                try:
+                    results.append(self._finish(event, await item))
+                except FunctionError as exc:  # awaited to the end so no future is left unobserved
+                    failure = failure or exc
+        if failure is not None:
+            raise failure
         return results
 
     def error_event(self, event: Event, error: FunctionError) -> Event:
@@ -264,13 +297,18 @@ class Pipeline:
         data = {"status": error.status, **error.to_json()}
         return result_event(event, ERROR_EVENT_TYPE, self.source, data, self.model_version, self.revision)
 
-    def infer_tensors(self, feeds: Feeds) -> Feeds:
+    async def infer_tensors(self, feeds: Feeds) -> Feeds:
         """Raw tensors in, raw tensors out (Open Inference Protocol); validated against the model."""
         if not self._ready.is_set():
-            self._await_ready()
+            await self._await_ready()
         if self.model is None or self.batcher is None:
             raise InvalidInput([f"function {self.config.name} has no model to infer with"])
         problems = self.model.check_feeds(feeds)
         if problems:
             raise InvalidInput(problems)
-        return self.batcher.infer(feeds)
+        return await self.batcher.submit(feeds)
+
+    def close(self) -> None:
+        """Finish the run in progress and stop the inference thread."""
+        if self.batcher is not None:
+            self.batcher.close()

@@ -1,10 +1,11 @@
 """`onnxfn serve NAME`: run one function under gunicorn on `$PORT` (the container's command).
 
-The master imports the heavy libraries once before forking (a faster cold start); each worker then
-builds its own onnxruntime session after the fork (never `preload_app`: CUDA state must be created
-per process), loads and warms the model in the background, and reports ready on
-`/health/readiness` only after that. SIGTERM: stop accepting, finish what is in flight, exit
-within the graceful timeout.
+Each worker is an asyncio (uvicorn, httptools, uvloop) worker serving the ASGI app in
+`shared.app`. The master imports the web stack once before forking (a faster cold start) but
+never onnxruntime: its thread pools do not survive a fork (workers aborted at exit with
+`std::system_error` when it did), so each worker imports it and builds its own session after the
+fork, loads and warms the model in the background, and reports ready on `/health/readiness` only
+after that. SIGTERM: stop accepting, finish what is in flight, exit 0 within the graceful timeout.
 """
 
 from __future__ import annotations
@@ -16,17 +17,52 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from uvicorn_worker import UvicornWorker
 
 from shared.config import Settings
 from shared.readiness import WorkerReadiness
 
 
+class FunctionWorker(UvicornWorker):  # type: ignore[misc]
+    """gunicorn worker running the function's ASGI app on uvloop with the httptools parser."""
+
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "server_header": False,
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # In-flight requests get the graceful timeout (less a margin for the exit itself).
+        self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("function", nargs="?", help="function name (default: $ONNXFN_FUNCTION)")
+    parser.add_argument(
+        "function",
+        nargs="?",
+        help="a function folder's name (digits), or the dotted module of your own (mypkg.myfunc) "
+        "whose new() returns its handler (default: $ONNXFN_FUNCTION)",
+    )
+    parser.add_argument("--model", type=Path, help="serve this ONNX file with the generic tensor-in/out function")
+    parser.add_argument("--name", help="with --model: the function's name (default: the file's stem)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        if args.function:
+            raise SystemExit("onnxfn serve: give a function or --model, not both")
+        if not args.model.is_file():
+            raise SystemExit(f"onnxfn serve: no model file {args.model}")
+        model = args.model.resolve()
+        os.environ.update({"ONNXFN_MODEL_FILE": str(model), "ONNXFN_MODEL_DIR": str(model.parent)})
+        if args.name:
+            os.environ["ONNXFN_FUNCTION_NAME"] = args.name
+        args.function = "shared.generic"
     settings = Settings.from_env(function=args.function)
     serve(settings)
     return 0
@@ -47,15 +83,14 @@ def prepare_metrics_dir() -> tuple[str, bool]:
 
 
 def build_app(settings: Settings) -> Any:
-    """What each worker serves: handler, metrics, pipeline (loading in the background) and WSGI app."""
+    """What each worker serves: handler, metrics, pipeline and the ASGI app."""
     from shared.app import create_app
     from shared.contract import load_handler
     from shared.metrics import Metrics
     from shared.pipeline import Pipeline
 
     handler = load_handler(settings.function)
-    pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
-    pipeline.start(background=True)
+    pipeline = Pipeline(handler, settings, Metrics(handler.config.name))  # the app's lifespan starts it
     return create_app(pipeline, settings.max_body_bytes)
 
 
@@ -68,8 +103,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     return {
         "bind": f"{settings.host}:{settings.port}",
         "workers": layout.workers,
-        "worker_class": "gthread",
-        "threads": layout.threads,
+        "worker_class": FunctionWorker,
         "graceful_timeout": settings.graceful_timeout_s,
         "timeout": 60,
         "keepalive": 75,
@@ -78,6 +112,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "loglevel": settings.log_level,
         "proc_name": f"onnxfn-{settings.function}",
         "preload_app": False,
+        # gunicorn >= 23 opens a control socket under $HOME, which is not writable in the image.
+        "control_socket_disable": True,
     }
 
 
@@ -86,9 +122,8 @@ def serve(settings: Settings) -> None:
     metrics_dir, made_metrics_dir = prepare_metrics_dir()
     state_dir = Path(tempfile.mkdtemp(prefix="onnxfn-state-"))
     settings = dataclasses.replace(settings, state_dir=state_dir)
-    # Heavy imports in the master: workers inherit them on fork instead of importing each.
+    # Heavy imports in the master (not onnxruntime): workers inherit them on fork.
     import numpy  # noqa: F401
-    import onnxruntime  # noqa: F401
     from gunicorn.app.base import BaseApplication
     from prometheus_client import multiprocess
 

@@ -119,7 +119,7 @@ class DigitsHandler:
             model_version="1",
             # v2: v1 quantized to INT8 (functions/digits/build.py), the canary of the traffic-split demo.
             model_versions={"1": "digits/1/model.onnx", "2": "digits/2/model.onnx"},
-            batching=Batching(max_batch_size=64, max_queue_delay_ms=1.0, queue_capacity=1024),
+            batching=Batching(max_batch_size=64, queue_capacity=1024),
             scaling=Scaling(
                 min_scale=0,
                 max_scale=8,

@@ -41,7 +41,7 @@ class EmbedHandler:
             result_types=("dev.onnxfn.embed.result",),
             model_file="embed/1/model.onnx",
             model_version="1",
-            batching=Batching(max_batch_size=32, max_queue_delay_ms=2.0, queue_capacity=512),
+            batching=Batching(max_batch_size=32, queue_capacity=512),
             scaling=Scaling(
                 min_scale=0,
                 max_scale=4,

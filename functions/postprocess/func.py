@@ -79,7 +79,7 @@ class PostprocessHandler:
             accepts=("dev.onnxfn.digits.result",),
             result_types=(ACCEPTED, REVIEW),
             model_file=None,
-            batching=Batching(max_batch_size=64, max_queue_delay_ms=0.5, queue_capacity=1024),
+            batching=Batching(max_batch_size=64, queue_capacity=1024),
             scaling=Scaling(min_scale=0, max_scale=4, cpu="1", memory="256Mi", timeout_seconds=30),
             workers=1,
             threads=16,

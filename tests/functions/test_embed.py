@@ -71,7 +71,7 @@ def test_handler_satisfies_contract(handler: EmbedHandler) -> None:
     assert config.accepts == ("dev.onnxfn.embed.request",)
     assert config.result_types == ("dev.onnxfn.embed.result",)
     assert config.model_file == "embed/1/model.onnx"
-    assert (config.batching.max_batch_size, config.batching.max_queue_delay_ms) == (32, 2.0)
+    assert config.batching.max_batch_size == 32
     assert (config.workers, config.threads) == (2, 16)
 
 
