@@ -35,10 +35,11 @@ BatchObserver = Callable[[int, list[float], float], None]
 
 
 class _Item:
-    __slots__ = ("feeds", "future", "rows", "signature", "t_enqueued")
+    __slots__ = ("feeds", "future", "rows", "signature", "source", "t_enqueued")
 
-    def __init__(self, feeds: Feeds, future: asyncio.Future[Feeds]) -> None:
+    def __init__(self, feeds: Feeds, future: asyncio.Future[Feeds], source: int) -> None:
         self.feeds = feeds
+        self.source = source
         self.future = future
         first = next(iter(feeds.values()))
         self.rows = int(first.shape[0]) if first.ndim else 1
@@ -57,19 +58,21 @@ class DynamicBatcher:
         capacity: int,
         inline: bool = False,
         observe: BatchObserver | None = None,
+        observe_sources: Callable[[int], None] | None = None,
     ) -> None:
         self._run = run
         self.max_batch_size = max_batch_size
         self.capacity = capacity
         self.inline = inline
         self._observe = observe
+        self._observe_sources = observe_sources  # called per run with how many sources it served
         self._pending: deque[_Item] = deque()
         self._busy = False  # a drain is scheduled or a run is in progress
         self._executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnxfn-infer")
 
     # -- request side (on the loop) -----------------------------------------------------------------
-    def submit(self, feeds: Feeds, *, admitted: bool = False) -> asyncio.Future[Feeds]:
-        """Queue one item; its future resolves to the item's output rows.
+    def submit(self, feeds: Feeds, *, admitted: bool = False, source: int = 0) -> asyncio.Future[Feeds]:
+        """Queue one item; its future resolves to the item's output rows (`source`: who sent it).
 
         Raises QueueFull when `capacity` items wait, unless `admitted` (the later items of one
         batched request whose first item was let in: a request larger than the queue still runs).
@@ -77,7 +80,7 @@ class DynamicBatcher:
         if not admitted and len(self._pending) >= self.capacity:
             raise QueueFull(f"batch queue full ({self.capacity} items waiting); retry later")
         loop = asyncio.get_running_loop()
-        item = _Item(feeds, loop.create_future())
+        item = _Item(feeds, loop.create_future(), source)
         self._pending.append(item)
         if not self._busy:
             self._busy = True
@@ -157,3 +160,5 @@ class DynamicBatcher:
                 offset = stop
             if self._observe is not None:
                 self._observe(sum(i.rows for i in items), [started - i.t_enqueued for i in items], finished - started)
+            if self._observe_sources is not None:
+                self._observe_sources(len({i.source for i in items}))

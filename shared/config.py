@@ -57,6 +57,9 @@ def _bool(env: Mapping[str, str], name: str) -> bool | None:
 
 
 PROVIDER_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+# Where the onnxruntime session lives: one per HTTP worker, or one engine process per device
+# shared by every worker; auto: the function's choice, else shared on a GPU, per-worker on CPU.
+ENGINE_CHOICES = ("auto", "per-worker", "shared")
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class Settings:
     model_dir: Path = PROJECT_ROOT / "models"
     cache_dir: Path = Path("/tmp/onnxfn-cache")
     providers: str = "auto"
+    engine: str = "auto"
+    engine_socket: Path | None = None
     workers: int | None = None
     threads: int | None = None
     intra_op_threads: int | None = None
@@ -98,6 +103,10 @@ class Settings:
         providers = env.get(PREFIX + "PROVIDERS", "auto").lower()
         if providers not in PROVIDER_CHOICES:
             raise SettingsError(f"ONNXFN_PROVIDERS={providers!r}: choose one of {', '.join(PROVIDER_CHOICES)}")
+        engine = env.get(PREFIX + "ENGINE", "auto").lower()
+        if engine not in ENGINE_CHOICES:
+            raise SettingsError(f"ONNXFN_ENGINE={engine!r}: choose one of {', '.join(ENGINE_CHOICES)}")
+        socket = env.get(PREFIX + "ENGINE_SOCKET")
         model_dir = env.get(PREFIX + "MODEL_DIR")
         cache_dir = env.get(PREFIX + "CACHE_DIR")
         return cls(
@@ -107,6 +116,8 @@ class Settings:
             model_dir=Path(model_dir) if model_dir else PROJECT_ROOT / "models",
             cache_dir=Path(cache_dir) if cache_dir else Path("/tmp/onnxfn-cache"),
             providers=providers,
+            engine=engine,
+            engine_socket=Path(socket) if socket else None,
             workers=_int(env, PREFIX + "WORKERS", None, 1),
             threads=_int(env, PREFIX + "THREADS", None, 1),
             intra_op_threads=_int(env, PREFIX + "INTRA_OP_THREADS", None, 1),

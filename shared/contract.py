@@ -66,6 +66,8 @@ class FunctionConfig:
     scaling: Scaling = field(default_factory=Scaling)
     workers: int = 2
     threads: int = 16
+    # Where the session lives (see Settings.engine): "auto", "per-worker" or "shared".
+    engine: str = "auto"
 
     @property
     def result_type(self) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 
 from shared.contract import Feeds, FunctionConfig
 from shared.errors import InvalidInput
-from shared.model import OnnxModel, TensorSpec
+from shared.model import ModelInfo, TensorSpec
 
 MODEL_FILE_ENV = "ONNXFN_MODEL_FILE"
 NAME_ENV = "ONNXFN_FUNCTION_NAME"
@@ -42,7 +42,7 @@ class GenericHandler:
         self.inputs: list[TensorSpec] = []
         self.outputs: list[TensorSpec] = []
 
-    def bind_model(self, model: OnnxModel) -> None:
+    def bind_model(self, model: ModelInfo) -> None:
         """Called by the pipeline with the loaded model: its inputs and outputs define the wire."""
         self.inputs, self.outputs = model.inputs, model.outputs
 

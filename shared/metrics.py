@@ -86,6 +86,14 @@ class Metrics:
             buckets=SETUP_BUCKETS,
             registry=r,
         )
+        engine_workers = Histogram(
+            "onnxfn_engine_batch_workers",
+            "HTTP workers whose items shared one model run of the shared engine",
+            ["function"],
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
+        self.engine_batch_workers = engine_workers.labels(function)
         self.latency = latency.labels(function)
         self.queue = queue.labels(function)
         self.compute = compute.labels(function)

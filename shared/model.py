@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -176,22 +176,38 @@ class OnnxModel:
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> list[str]:
         """Every mismatch between one item's feeds and the model's inputs (names, dtypes, ranks, dims)."""
-        problems: list[str] = []
-        expected = {spec.name: spec for spec in self.inputs}
-        missing = expected.keys() - feeds.keys()
-        extra = feeds.keys() - expected.keys()
-        problems += [f"missing model input '{name}'" for name in sorted(missing)]
-        problems += [f"unknown model input '{name}'" for name in sorted(extra)]
-        for name, array in feeds.items():
-            spec = expected.get(name)
-            if spec is None:
-                continue
-            if array.dtype != spec.dtype:
-                problems.append(f"input '{name}': dtype {array.dtype}, model wants {spec.dtype}")
-            if array.ndim != len(spec.shape):
-                problems.append(f"input '{name}': rank {array.ndim}, model wants {len(spec.shape)}")
-                continue
-            for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-                if want is not None and got != want:
-                    problems.append(f"input '{name}': axis {axis} is {got}, model wants {want}")
-        return problems
+        return check_feeds(self.inputs, feeds)
+
+
+class ModelInfo(Protocol):
+    """What the pipeline knows of a model, whether in this process or in the engine process."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    providers: list[str]
+    on_gpu: bool
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> list[str]: ...
+
+
+def check_feeds(inputs: list[TensorSpec], feeds: dict[str, np.ndarray]) -> list[str]:
+    """Every mismatch between one item's feeds and a model's inputs (names, dtypes, ranks, dims)."""
+    problems: list[str] = []
+    expected = {spec.name: spec for spec in inputs}
+    missing = expected.keys() - feeds.keys()
+    extra = feeds.keys() - expected.keys()
+    problems += [f"missing model input '{name}'" for name in sorted(missing)]
+    problems += [f"unknown model input '{name}'" for name in sorted(extra)]
+    for name, array in feeds.items():
+        spec = expected.get(name)
+        if spec is None:
+            continue
+        if array.dtype != spec.dtype:
+            problems.append(f"input '{name}': dtype {array.dtype}, model wants {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            problems.append(f"input '{name}': rank {array.ndim}, model wants {len(spec.shape)}")
+            continue
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if want is not None and got != want:
+                problems.append(f"input '{name}': axis {axis} is {got}, model wants {want}")
+    return problems

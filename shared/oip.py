@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import InvalidInput
-from shared.model import OnnxModel
+from shared.model import ModelInfo
 
 # OIP datatype <-> numpy dtype.
 OIP_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -24,7 +24,7 @@ OIP_TO_NUMPY: dict[str, np.dtype[Any]] = {
 NUMPY_TO_OIP = {dtype: name for name, dtype in OIP_TO_NUMPY.items()}
 
 
-def model_metadata(name: str, version: str, model: OnnxModel | None) -> dict[str, Any]:
+def model_metadata(name: str, version: str, model: ModelInfo | None) -> dict[str, Any]:
     """`GET /v2/models/<name>` body."""
 
     def tensors(specs: list[Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import numpy as np
 from shared.batcher import DynamicBatcher, Feeds
 from shared.config import Settings, available_cores
 from shared.contract import FunctionConfig, Handler, Result, setup_handler
+from shared.engine import EngineClient
 from shared.errors import (
     FunctionError,
     InferenceFailed,
@@ -30,7 +31,7 @@ from shared.errors import (
 )
 from shared.events import ERROR_EVENT_TYPE, Event, result_event
 from shared.metrics import Metrics
-from shared.model import OnnxModel
+from shared.model import ModelInfo, OnnxModel
 from shared.readiness import WorkerReadiness
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,14 @@ class Layout:
     spinning: bool
     max_batch_size: int
     queue_capacity: int
+    engine: bool  # one shared engine process owns the session (else one session per worker)
 
     @classmethod
     def of(cls, config: FunctionConfig, settings: Settings) -> Layout:
         workers = settings.workers or config.workers
         intra = settings.intra_op_threads or max(1, available_cores() // workers)
         return cls(
+            engine=uses_engine(config, settings),
             workers=workers,
             threads=settings.threads or config.threads,
             intra_op_threads=intra,
@@ -66,6 +69,20 @@ class Layout:
             max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
             queue_capacity=settings.queue_capacity or config.batching.queue_capacity,
         )
+
+
+def uses_engine(config: FunctionConfig, settings: Settings) -> bool:
+    """Whether the session lives in a shared engine process: the setting, else the function's
+    choice, else on a GPU (one CUDA context, batches across workers) but not on CPU (measured:
+    a session per worker saves the hand-off to the engine, which costs more than it gains there)."""
+    if config.model_file is None:
+        return False
+    choice = settings.engine if settings.engine != "auto" else config.engine
+    if choice != "auto":
+        return choice == "shared"
+    from shared.model import gpu_visible
+
+    return settings.providers in ("cuda", "tensorrt") or (settings.providers == "auto" and gpu_visible())
 
 
 class Pipeline:
@@ -81,8 +98,8 @@ class Pipeline:
         self.model_version = settings.model_version or self.config.model_version
         self.model_file = self.config.model_file_for(self.model_version)
         self.revision = settings.k_revision or f"{self.config.name}-v{self.model_version}"
-        self.model: OnnxModel | None = None
-        self.batcher: DynamicBatcher | None = None
+        self.model: ModelInfo | None = None
+        self.batcher: DynamicBatcher | EngineClient | None = None
         self.load_error: str | None = None
         self.timings: dict[str, float] = {}
         self._ready = threading.Event()
@@ -96,7 +113,9 @@ class Pipeline:
     def start(self, background: bool = True) -> None:
         """Load the model and warm up, then mark ready (in a thread unless `background` is False)."""
         self.timings["started_at"] = time.time()
-        if background:
+        if self.layout.engine:
+            self._engine_task = asyncio.get_running_loop().create_task(self._link_engine())
+        elif background:
             threading.Thread(target=self._load, name="onnxfn-load", daemon=True).start()
         else:
             self._load()
@@ -111,12 +130,59 @@ class Pipeline:
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
+    async def _link_engine(self) -> None:
+        """Connect to the engine process (retrying until it listens), warm up through it, then be
+        ready; when the engine goes away, leave readiness until it is back."""
+        assert self.settings.engine_socket is not None, "the shared engine needs ONNXFN_ENGINE_SOCKET"
+        delay, set_up = 0.01, False
+        while True:
+            try:
+                client = await EngineClient.connect(self.settings.engine_socket)
+            except (OSError, asyncio.IncompleteReadError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            delay = 0.01
+            try:
+                started = time.perf_counter()
+                if not set_up:
+                    setup_handler(self.handler, self.settings.model_dir)
+                    set_up = True
+                bind = getattr(self.handler, "bind_model", None)
+                if bind is not None:
+                    bind(client)
+                example = self.handler.example()
+                outputs = await client.submit(self.handler.preprocess(example))
+                self.handler.postprocess({k: v[0] for k, v in outputs.items()}, example)
+            except Exception as exc:
+                self.load_error = f"{type(exc).__name__}: {exc}"
+                log.error("function %s could not warm up through the engine: %s", self.config.name, self.load_error)
+                client.close()
+                await asyncio.sleep(1.0)
+                continue
+            self.model, self.batcher, self.load_error = client, client, None
+            hello = client.hello
+            self.timings.update(
+                model_load_s=hello["model_load_s"],
+                warmup_s=hello["warmup_s"] + time.perf_counter() - started,
+                engine_pid=hello["pid"],
+                ready_at=time.time(),
+            )
+            self._ready.set()
+            self.workers.mark_ready()
+            log.info("function %s ready on the engine (pid %d, %s)", self.config.name, hello["pid"], client.providers)
+            await asyncio.shield(client.closed)
+            self._ready.clear()
+            self.workers.mark_not_ready()
+            self.load_error = "the inference engine stopped; it is being restarted"
+
     def _try_load(self) -> bool:
         try:
             t0 = time.perf_counter()
             setup_handler(self.handler, self.settings.model_dir)
+            model: OnnxModel | None = None
             if self.model_file is not None:
-                self.model = OnnxModel(
+                model = OnnxModel(
                     self.settings.model_dir / self.model_file,
                     providers=self.settings.providers,
                     intra_op_threads=self.layout.intra_op_threads,
@@ -125,15 +191,16 @@ class Pipeline:
                 )
                 bind = getattr(self.handler, "bind_model", None)
                 if bind is not None:
-                    bind(self.model)
+                    bind(model)
             t1 = time.perf_counter()
-            run_s = self._warm_up()
-            if self.model is not None:
+            run_s = self._warm_up(model)
+            if model is not None:
+                self.model = model
                 self.batcher = DynamicBatcher(
-                    self.model.run,
+                    model.run,
                     max_batch_size=self.layout.max_batch_size,
                     capacity=self.layout.queue_capacity,
-                    inline=not self.model.on_gpu and run_s < INLINE_RUN_S,
+                    inline=not model.on_gpu and run_s < INLINE_RUN_S,
                     observe=self.metrics.observe_batch,
                 )
             t2 = time.perf_counter()
@@ -159,7 +226,7 @@ class Pipeline:
         )
         return True
 
-    def _warm_up(self) -> float:
+    def _warm_up(self, model: OnnxModel | None) -> float:
         """Run the example through preprocess, model and postprocess; returns one row's run time (s).
 
         The largest batch is run too only when that is cheap (it saves the first loaded batch its
@@ -167,22 +234,22 @@ class Pipeline:
         """
         example = self.handler.example()
         feeds = self.handler.preprocess(example)
-        if self.model is None:
+        if model is None:
             self.handler.postprocess({k: v[0] for k, v in feeds.items()}, example)
             return 0.0
-        outputs = self.model.run(feeds)
+        outputs = model.run(feeds)
         self.handler.postprocess({k: v[0] for k, v in outputs.items()}, example)
         timed = []
         for _ in range(3):
             started = time.perf_counter()
-            self.model.run(feeds)
+            model.run(feeds)
             timed.append(time.perf_counter() - started)
             if timed[-1] > WARM_UP_BUDGET_S:
                 break
         run_s = sorted(timed)[len(timed) // 2]
         rows = self.layout.max_batch_size
         if run_s * rows <= WARM_UP_BUDGET_S:
-            self.model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
+            model.run({k: np.repeat(v, rows, axis=0) for k, v in feeds.items()})
         return run_s
 
     async def _await_ready(self) -> None:
@@ -309,6 +376,9 @@ class Pipeline:
         return await self.batcher.submit(feeds)
 
     def close(self) -> None:
-        """Finish the run in progress and stop the inference thread."""
+        """Finish the run in progress and stop the inference thread (or the engine link)."""
+        task = getattr(self, "_engine_task", None)
+        if task is not None:
+            task.cancel()
         if self.batcher is not None:
             self.batcher.close()

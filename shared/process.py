@@ -77,12 +77,12 @@ class FunctionProcess:
         raise TimeoutError(f"{self.function} not ready within {timeout:.0f} s")
 
     def worker_pids(self) -> list[int]:
-        """PIDs of gunicorn's worker processes (children of the master)."""
+        """PIDs of gunicorn's worker processes (children of the master, the shared engine aside)."""
         try:
             text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
         except OSError:
             return []
-        return [int(pid) for pid in text.split()]
+        return [int(pid) for pid in text.split() if b"shared.engine" not in _cmdline(int(pid))]
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait for a graceful exit (SIGKILL after `timeout`); returns the exit code."""
@@ -102,6 +102,13 @@ class FunctionProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def rss_mb(pid: int) -> float:

@@ -22,6 +22,10 @@ class WorkerReadiness:
         if self.directory is not None:
             (self.directory / f"ready-{os.getpid()}").touch()
 
+    def mark_not_ready(self) -> None:
+        if self.directory is not None:
+            (self.directory / f"ready-{os.getpid()}").unlink(missing_ok=True)
+
     def count(self) -> int:
         if self.directory is None:
             return self.expected

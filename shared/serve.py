@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 from uvicorn_worker import UvicornWorker
 
 from shared.config import Settings
+from shared.engine import EngineSupervisor
 from shared.readiness import WorkerReadiness
 
 
@@ -39,6 +41,18 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # In-flight requests get the graceful timeout (less a margin for the exit itself).
         self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
+
+    def init_signals(self) -> None:
+        """uvicorn drains on SIGTERM/SIGINT, then raises the signal again once it is done; with the
+        default disposition that kills the worker after a clean drain. A no-op handler lets the
+        worker exit 0 instead (uvicorn installs its own handlers while serving)."""
+        super().init_signals()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _drained)
+
+
+def _drained(signum: int, frame: Any) -> None:
+    """The re-raised stop signal after the drain: nothing left to do."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,11 +131,29 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def start_engine(settings: Settings) -> EngineSupervisor | None:
+    """The shared engine process, when this function's layout has one (before any worker starts)."""
+    from shared.contract import load_handler
+    from shared.engine import EngineSupervisor
+    from shared.pipeline import Layout
+
+    if not Layout.of(load_handler(settings.function).config, settings).engine:
+        return None
+    assert settings.state_dir is not None
+    env = {**os.environ, "ONNXFN_FUNCTION": settings.function}
+    supervisor = EngineSupervisor(settings.state_dir / "engine.sock", env)
+    supervisor.start()
+    return supervisor
+
+
 def serve(settings: Settings) -> None:
     """Run gunicorn in this process until it is told to stop."""
     metrics_dir, made_metrics_dir = prepare_metrics_dir()
     state_dir = Path(tempfile.mkdtemp(prefix="onnxfn-state-"))
     settings = dataclasses.replace(settings, state_dir=state_dir)
+    engine = start_engine(settings)
+    if engine is not None:
+        settings = dataclasses.replace(settings, engine_socket=engine.socket_path)
     # Heavy imports in the master (not onnxruntime): workers inherit them on fork.
     import numpy  # noqa: F401
     from gunicorn.app.base import BaseApplication
@@ -139,6 +171,8 @@ def serve(settings: Settings) -> None:
         WorkerReadiness.forget(state_dir, worker.pid)
 
     def on_exit(server: Any) -> None:
+        if engine is not None:  # after the last worker drained: the engine served it to the end
+            engine.stop()
         shutil.rmtree(state_dir, ignore_errors=True)
         if made_metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -1,4 +1,7 @@
-"""`onnxfn bench`: in one run, for `digits` and `embed`: raw in-process onnxruntime (the limit), the
+"""`onnxfn bench --peers`: onnxfn beside naive Flask, KServe and MLServer on the reference MLP and CNN
+and on digits, loaded by `hey`, in one interleaved run (shared/bench/compare.py).
+
+`onnxfn bench` (no --peers): in one run, for `digits` and `embed`: raw in-process onnxruntime (the limit), the
 plain Flask + gunicorn baseline, the function over HTTP with binary-mode CloudEvents at concurrency
 1, 8 and 32, batched CloudEvents (64 events a request) for digits, and the cold start. Prints a table
 of figures and ratios from this one run and writes JSON. The event path and the platform have their
@@ -12,18 +15,26 @@ import json
 import sys
 from pathlib import Path
 
+DEFAULT_OUT = Path("bench-results/bench.json")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", action="store_true", help="compare with naive Flask, KServe and MLServer")
+    parser.add_argument("--models", default="mlp,cnn,digits", help="with --peers: models to compare")
+    parser.add_argument("--systems", default="onnxfn,naive,kserve,mlserver", help="with --peers: systems")
+    parser.add_argument("--rounds", type=int, default=3, help="with --peers: rounds (server order rotated)")
     parser.add_argument("--functions", default="digits,embed", help="comma-separated functions")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per load phase")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     parser.add_argument("--workers", type=int, help="gunicorn workers for the function (default: its config)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the plain Flask baseline")
-    parser.add_argument("--out", type=Path, default=Path("bench-results/bench.json"))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.peers:
+        return run_peers(args)
     from shared.bench.functions import BenchOptions, bench_function, print_report
 
     options = BenchOptions(
@@ -41,4 +52,21 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {args.out}")
+    return 0
+
+
+def run_peers(args: argparse.Namespace) -> int:
+    from shared.bench.compare import CompareOptions, compare, print_report, write
+
+    options = CompareOptions(
+        models=tuple(args.models.split(",")),
+        systems=tuple(args.systems.split(",")),
+        concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
+        rounds=args.rounds,
+        seconds=args.duration,
+    )
+    report = compare(options)
+    print_report(report)
+    out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("peers.json")
+    write(report, out)
     return 0

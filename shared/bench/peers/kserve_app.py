@@ -27,6 +27,15 @@ class OnnxModel(kserve.Model):  # type: ignore[misc]
         self.ready = True
         return True
 
+    # With several workers KServe pickles the model into each worker process: the session is
+    # rebuilt there rather than pickled.
+    def __getstate__(self) -> dict[str, object]:
+        return {k: v for k, v in self.__dict__.items() if k != "session"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.load()
+
     def predict(self, payload, headers=None):  # type: ignore[no-untyped-def]
         rows = np.asarray(payload["instances"], dtype=np.float32)
         (out,) = self.session.run(None, {self.input_name: rows})[:1]
