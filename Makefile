@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models run test lint typecheck pytest bench bench-events bench-platform clean
+.PHONY: setup models run test lint typecheck pytest hey bench bench-functions bench-events bench-platform clean
 
 setup: $(STAMP)
 
@@ -32,7 +32,17 @@ pytest: models
 
 test: lint typecheck pytest
 
-bench: models
+# The benchmarks load the servers with hey (Debian's package), an outside load generator.
+hey:
+	@command -v hey >/dev/null || { apt-get update -qq && apt-get install -y -qq hey; } || \
+		{ echo "the benchmarks need hey: apt-get install hey"; exit 1; }
+
+# onnxfn beside naive Flask, KServe and MLServer (their venvs are made under .bench/ on first use).
+bench: models hey
+	$(BIN)/onnxfn bench --peers
+
+# digits and embed: raw onnxruntime, the function at c=1/8/32, batched CloudEvents, cold start.
+bench-functions: models hey
 	$(BIN)/onnxfn bench
 
 bench-events: models
@@ -42,4 +52,4 @@ bench-platform: models
 	$(BIN)/onnxfn platform-bench
 
 clean:
-	rm -rf $(VENV) models .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) models .bench .mypy_cache .ruff_cache .pytest_cache

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("shared.serve", "run one function under gunicorn on $PORT (the container's command)"),
     "build-models": ("shared.build_models", "build the functions' ONNX models when missing"),
-    "bench": ("shared.bench.cli", "benchmark functions against raw onnxruntime and a plain baseline"),
+    "bench": ("shared.bench.cli", "benchmark: --peers vs naive Flask, KServe, MLServer; else digits, embed vs raw ORT"),
     "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),
     "traffic": ("shared.traffic", "edit a committed Service's traffic like `kn service update`"),
     "up": ("shared.eventing.up", "broker, event plane and functions from eventing/ with a sample stream (make run)"),

@@ -78,7 +78,6 @@ class Settings:
     engine: str = "auto"
     engine_socket: Path | None = None
     workers: int | None = None
-    threads: int | None = None
     intra_op_threads: int | None = None
     intra_op_spinning: bool | None = None
     max_batch_size: int | None = None
@@ -119,7 +118,6 @@ class Settings:
             engine=engine,
             engine_socket=Path(socket) if socket else None,
             workers=_int(env, PREFIX + "WORKERS", None, 1),
-            threads=_int(env, PREFIX + "THREADS", None, 1),
             intra_op_threads=_int(env, PREFIX + "INTRA_OP_THREADS", None, 1),
             intra_op_spinning=_bool(env, PREFIX + "INTRA_OP_SPINNING"),
             max_batch_size=_int(env, PREFIX + "MAX_BATCH_SIZE", None, 1),

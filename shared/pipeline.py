@@ -48,7 +48,6 @@ class Layout:
     """How this process uses the machine: worker processes and onnxruntime threads."""
 
     workers: int
-    threads: int
     intra_op_threads: int
     spinning: bool
     max_batch_size: int
@@ -62,9 +61,8 @@ class Layout:
         return cls(
             engine=uses_engine(config, settings),
             workers=workers,
-            threads=settings.threads or config.threads,
             intra_op_threads=intra,
-            # Spinning threads steal the cores the HTTP threads need between runs: off unless asked.
+            # Spinning threads steal the cores the event loop needs between runs: off unless asked.
             spinning=bool(settings.intra_op_spinning),
             max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
             queue_capacity=settings.queue_capacity or config.batching.queue_capacity,

@@ -76,9 +76,9 @@ class Plan:
 
 def plan(config: FunctionConfig, variant: Variant) -> Plan:
     """Derive concurrency, autoscaling target and timeouts from what one instance holds."""
-    workers, threads, batch = config.workers, config.threads, config.batching.max_batch_size
-    concurrency = workers * threads
-    target = workers * min(threads, batch)
+    workers, per_worker, batch = config.workers, config.concurrency, config.batching.max_batch_size
+    concurrency = workers * per_worker
+    target = workers * min(per_worker, batch)
     request_s = config.scaling.timeout_seconds
     timeout = variant.cold_start_s + request_s
     if timeout > MAX_REVISION_TIMEOUT_S:
@@ -97,11 +97,12 @@ def plan(config: FunctionConfig, variant: Variant) -> Plan:
     startup = "pod start, onnxruntime session, model load" if config.model_file else "pod start, imports"
     reasons = {
         "containerConcurrency": [
-            f"{workers} gunicorn workers x {threads} threads = {concurrency} requests one pod can hold;",
-            "more would queue inside gunicorn, invisible to the autoscaler and to queue-proxy.",
+            f"{workers} worker{'s' if workers != 1 else ''} x {per_worker} requests each = {concurrency} requests"
+            " one pod holds;",
+            "more would queue inside the pod, invisible to the autoscaler and to queue-proxy.",
         ],
         "target": [
-            f"per worker, min(threads {threads}, max_batch_size {batch}) in-flight requests fill a batch;",
+            f"per worker, min(concurrency {per_worker}, max_batch_size {batch}) in-flight requests fill a batch;",
             f"x {workers} workers = {target} (<= containerConcurrency, which caps the decider's total).",
         ],
         "utilization": [f"{variant.utilization} %: {headroom[0]}", *headroom[1:]],
@@ -177,7 +178,6 @@ def service(
         "ONNXFN_FUNCTION": config.name,
         "ONNXFN_PROVIDERS": variant.providers,
         "ONNXFN_WORKERS": str(config.workers),
-        "ONNXFN_THREADS": str(config.threads),
         "ONNXFN_GRACEFUL_TIMEOUT": str(numbers.graceful_s),
     }
     memory = scaling.gpu_memory if variant.gpu else scaling.memory

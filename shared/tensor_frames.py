@@ -36,7 +36,7 @@ class FrameError(ValueError):
 def _tensors(feeds: Feeds) -> list[bytes]:
     parts = [COUNT.pack(len(feeds))]
     for name, value in feeds.items():
-        array = np.ascontiguousarray(value)
+        array = value if value.flags.c_contiguous else np.array(value, order="C")  # keeps rank 0
         encoded, dtype = name.encode(), array.dtype.str.encode()
         parts.append(
             struct.pack(f"<H{len(encoded)}sB{len(dtype)}sB", len(encoded), encoded, len(dtype), dtype, array.ndim)

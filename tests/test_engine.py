@@ -87,7 +87,7 @@ def test_engine_crash_takes_the_server_out_of_readiness_until_it_is_restarted(en
     _, before = readiness(server.url)
     os.kill(int(before["engine_pid"]), signal.SIGKILL)  # type: ignore[call-overload]
     wait_for(lambda: readiness(server.url)[0] == 503, 10, "readiness to fail")
-    status, body = readiness(server.url)
+    _, body = readiness(server.url)
     assert "engine" in str(body["reason"])
     post = requests.post(server.url, data=b'{"image": [1]}', headers=digits_headers(), timeout=5)
     assert post.status_code == 503 and post.headers["Retry-After"] == "1"  # retryable, not lost

@@ -130,11 +130,11 @@ def test_service_numbers_agree(path: Path) -> None:
     pod, annotations = template["spec"], template["metadata"]["annotations"]
     (container,) = pod["containers"]
     env = _env(container)
-    workers, threads = int(env["ONNXFN_WORKERS"]), int(env["ONNXFN_THREADS"])
-    assert (workers, threads) == (config.workers, config.threads)
+    workers, per_worker = int(env["ONNXFN_WORKERS"]), config.concurrency
+    assert workers == config.workers
     assert env["ONNXFN_FUNCTION"] == name
     cc = pod["containerConcurrency"]
-    assert cc == workers * threads
+    assert cc == workers * per_worker
     target = int(annotations[f"{AUTOSCALING}target"])
     assert 1 <= target <= cc
     assert 1 <= int(annotations[f"{AUTOSCALING}target-utilization-percentage"]) <= 100

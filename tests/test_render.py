@@ -25,7 +25,7 @@ def _config(**changes: object) -> FunctionConfig:
         batching=Batching(max_batch_size=8),
         scaling=Scaling(max_scale=5, timeout_seconds=40, retention_period="30s"),
         workers=3,
-        threads=4,
+        concurrency=4,
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -50,7 +50,7 @@ def test_check_flags_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "differs" in capsys.readouterr().err
 
 
-def test_plan_derives_numbers_from_workers_threads_and_batch() -> None:
+def test_plan_derives_numbers_from_workers_concurrency_and_batch() -> None:
     gpu = render.plan(_config(), render.GPU)
     assert gpu.container_concurrency == 3 * 4
     assert gpu.target == 3 * min(4, 8)
@@ -97,7 +97,7 @@ def test_rendered_text_carries_the_reasoning() -> None:
     for key in ("containerConcurrency:", "autoscaling.knative.dev/target:", "timeoutSeconds:"):
         at = next(i for i, line in enumerate(lines) if line.strip().startswith(key))
         assert lines[at - 1].strip().startswith("#"), f"no reasoning above {key}"
-    assert "3 gunicorn workers x 4 threads = 12" in text
+    assert "3 workers x 4 requests each = 12" in text
     assert yaml.safe_load(text) == render.service(config, render.GPU, render.GPU)
 
 
@@ -139,6 +139,6 @@ def test_func_yaml_follows_the_func_schema_facts() -> None:
     envs = {e["name"]: e["value"] for e in doc["run"]["envs"]}
     config = load_handler(doc["name"]).config
     assert envs["ONNXFN_FUNCTION"] == doc["name"]
-    assert resources["limits"]["concurrency"] == int(envs["ONNXFN_WORKERS"]) * int(envs["ONNXFN_THREADS"])
-    assert (int(envs["ONNXFN_WORKERS"]), int(envs["ONNXFN_THREADS"])) == (config.workers, config.threads)
+    assert resources["limits"]["concurrency"] == int(envs["ONNXFN_WORKERS"]) * config.concurrency
+    assert int(envs["ONNXFN_WORKERS"]) == config.workers
     assert "created: 2026" in render.FUNC_YAML.read_text(), "created must be an unquoted timestamp"

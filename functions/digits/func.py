@@ -129,8 +129,8 @@ class DigitsHandler:
                 memory="512Mi",
                 timeout_seconds=30,
             ),
-            workers=2,
-            threads=16,
+            workers=1,
+            concurrency=32,
         )
 
     def preprocess(self, data: Any) -> Feeds:

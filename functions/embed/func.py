@@ -52,7 +52,7 @@ class EmbedHandler:
                 timeout_seconds=60,
             ),
             workers=2,
-            threads=16,
+            concurrency=16,
         )
         self._tokenizer: Any = None
 

@@ -82,7 +82,7 @@ class PostprocessHandler:
             batching=Batching(max_batch_size=64, queue_capacity=1024),
             scaling=Scaling(min_scale=0, max_scale=4, cpu="1", memory="256Mi", timeout_seconds=30),
             workers=1,
-            threads=16,
+            concurrency=16,
         )
 
     def preprocess(self, data: Any) -> Feeds:

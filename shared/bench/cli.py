@@ -1,10 +1,10 @@
 """`onnxfn bench --peers`: onnxfn beside naive Flask, KServe and MLServer on the reference MLP and CNN
 and on digits, loaded by `hey`, in one interleaved run (shared/bench/compare.py).
 
-`onnxfn bench` (no --peers): in one run, for `digits` and `embed`: raw in-process onnxruntime (the limit), the
-plain Flask + gunicorn baseline, the function over HTTP with binary-mode CloudEvents at concurrency
-1, 8 and 32, batched CloudEvents (64 events a request) for digits, and the cold start. Prints a table
-of figures and ratios from this one run and writes JSON. The event path and the platform have their
+`onnxfn bench` (no --peers): in one run, for `digits` and `embed`: raw in-process onnxruntime (the
+limit), the function loaded by `hey` with binary-mode CloudEvents at concurrency 1, 8 and 32,
+batched CloudEvents (64 events a request) for digits, and the cold start. Prints a table of
+figures and ratios from this one run and writes JSON. The event path and the platform have their
 own: `onnxfn bench-events`, `onnxfn platform-bench`.
 """
 
@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     parser.add_argument("--workers", type=int, help="gunicorn workers for the function (default: its config)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the plain Flask baseline")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
@@ -41,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
         duration=args.duration,
         concurrencies=tuple(int(c) for c in args.concurrency.split(",")),
         providers=args.providers,
-        baseline=not args.no_baseline,
         server_env={"ONNXFN_WORKERS": str(args.workers)} if args.workers else {},
     )
     report = {}

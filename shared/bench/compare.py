@@ -48,12 +48,12 @@ def targets(models: tuple[str, ...]) -> list[Target]:
         if name in paths:
             found.append(Target(name, paths[name], example_row(name)))
         elif name == "digits":
-            from functions.digits.func import EXAMPLE_IMAGE
+            from functions.digits.func import EXAMPLE_IMAGE, new
+            from shared.config import Settings
 
             image = [list(map(float, row)) for row in EXAMPLE_IMAGE]
-            found.append(
-                Target("digits", PROJECT_ROOT / "models" / "digits" / "model.onnx", [image], "digits", {"image": image})
-            )
+            model = Settings.from_env(function="digits").model_dir / str(new().config.model_file)
+            found.append(Target("digits", model, [image], "digits", {"image": image}))
         else:
             raise SystemExit(f"unknown bench model {name!r} (mlp, cnn, digits)")
     return found
@@ -71,16 +71,24 @@ def _post(run: Launch, timeout: float = 5.0) -> int:
         return 0
 
 
+LOG_DIR = PROJECT_ROOT / "bench-results" / "logs"
+
+
 def start(run: Launch, timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], float]:
-    """Start the system; returns the process and its cold start (launch to first 200 reply)."""
+    """Start the system (its output in bench-results/logs/SYSTEM.log); returns the process and its
+    cold start (launch to the first 200 reply)."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = LOG_DIR / f"{run.system.replace('/', '_')}.log"
     launched = time.perf_counter()
-    proc = subprocess.Popen(
-        run.argv, env=run.env, cwd=run.cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            run.argv, env=run.env, cwd=run.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = launched + timeout
     while time.perf_counter() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{run.system} exited with code {proc.returncode} before replying")
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{run.system} exited with code {proc.returncode} before replying:\n{tail}")
         if _post(run, timeout=2.0) == 200:
             return proc, time.perf_counter() - launched
         time.sleep(0.005)
@@ -164,7 +172,9 @@ def compare(options: CompareOptions) -> dict[str, Any]:
             order = options.systems[index % len(options.systems) :] + options.systems[: index % len(options.systems)]
             for system in order:
                 say(f"   round {index + 1}/{options.rounds}: {system} ...")
-                rounds[system].append(measure_system(launch(system, target, say), options))
+                run = launch(system, target, say)
+                run.system = system
+                rounds[system].append(measure_system(run, options))
         model_report["systems"] = {system: aggregate(runs, options) for system, runs in rounds.items()}
         model_report["rounds"] = rounds
         report["models"][target.name] = model_report

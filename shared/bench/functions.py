@@ -1,4 +1,6 @@
-"""Benchmark of one function: raw onnxruntime, plain baseline, the function (CE binary and batched), cold start."""
+"""Benchmark of one function: raw onnxruntime, the function under `hey` (binary-mode CloudEvents at
+each concurrency, and batched CloudEvents for digits), worker memory, cold start. The peers (naive
+Flask, KServe, MLServer) are in `onnxfn bench --peers` (compare.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from shared.bench.loadgen import LoadResult, run_load
+from shared.bench.hey import HeyResult, run_hey
+from shared.bench.loadgen import run_load
 from shared.config import Settings, available_cores
 from shared.contract import load_handler, setup_handler
-from shared.process import FunctionProcess, free_port, http_get, rss_mb
+from shared.process import FunctionProcess, http_get, rss_mb
 
 CONCURRENCIES = (1, 8, 32)
 BATCHED_EVENTS = 64
@@ -104,12 +107,12 @@ def _batch_stats(url: str) -> tuple[float, float]:
     return total, count
 
 
-def _phase(result: LoadResult, events_per_request: int = 1) -> dict[str, Any]:
+def _phase(result: HeyResult, events_per_request: int = 1) -> dict[str, Any]:
     return {
-        "req_per_s": result.rate,
-        "events_per_s": result.rate * events_per_request,
-        "p50_ms": result.percentile(50) * 1000,
-        "p99_ms": result.percentile(99) * 1000,
+        "req_per_s": result.req_per_s,
+        "events_per_s": result.req_per_s * events_per_request,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
         "ok": result.ok,
         "statuses": result.statuses,
         "errors": result.errors,
@@ -150,7 +153,6 @@ class BenchOptions:
     duration: float = 4.0
     concurrencies: tuple[int, ...] = CONCURRENCIES
     providers: str = "cpu"
-    baseline: bool = True
     server_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -197,8 +199,6 @@ def bench_function(name: str, options: BenchOptions) -> dict[str, Any]:
     report: dict[str, Any] = {"providers": options.providers}
     say(f"raw onnxruntime ({options.providers}) ...")
     report["raw"] = raw_onnxruntime(name) if options.providers == "cpu" else raw_accelerated(name, options.providers)
-    if options.baseline:
-        report["baseline"] = plain_baseline(name, example, duration)
     server_env = {"ONNXFN_LOG_LEVEL": "warning", "ONNXFN_PROVIDERS": options.providers, **options.server_env}
 
     say("function (binary-mode CloudEvents) ...")
@@ -206,11 +206,11 @@ def bench_function(name: str, options: BenchOptions) -> dict[str, Any]:
     server = FunctionProcess(name, env=server_env)
     try:
         server.wait_ready()
-        run_load("127.0.0.1", server.port, "/", headers, body, concurrency=8, duration=0.5)
+        run_hey(server.url + "/", headers, body, 8, 1.0)
         report["function"] = {}
         for c in options.concurrencies:
             before = _batch_stats(server.url)
-            phase = _phase(run_load("127.0.0.1", server.port, "/", headers, body, concurrency=c, duration=duration))
+            phase = _phase(run_hey(server.url + "/", headers, body, c, duration))
             after = _batch_stats(server.url)
             rows, runs = after[0] - before[0], after[1] - before[1]
             phase["mean_batch"] = rows / runs if runs else 0.0
@@ -220,7 +220,7 @@ def bench_function(name: str, options: BenchOptions) -> dict[str, Any]:
             batch_headers = {"Content-Type": "application/cloudevents-batch+json"}
             batch_body = _batch_body(name, example, BATCHED_EVENTS)
             report["function"]["batched"] = _phase(
-                run_load("127.0.0.1", server.port, "/", batch_headers, batch_body, concurrency=4, duration=duration),
+                run_hey(server.url + "/", batch_headers, batch_body, 4, duration),
                 BATCHED_EVENTS,
             )
         report["worker_rss_mb"] = [rss_mb(pid) for pid in server.worker_pids()]
@@ -238,61 +238,12 @@ def bench_function(name: str, options: BenchOptions) -> dict[str, Any]:
     return report
 
 
-def plain_baseline(name: str, example: Any, duration: float) -> dict[str, Any]:
-    """The plain Flask + gunicorn app at concurrency 1 and 32."""
-    say("plain baseline (Flask + gunicorn, 2 sync workers, one session.run per request) ...")
-    port = free_port()
-    baseline = FunctionProcess(
-        name,
-        port=port,
-        env={"BASELINE_FUNCTION": name},
-        command=[
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "sync",
-            "-w",
-            "2",
-            "-b",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-            "shared.bench.baseline_app:create()",
-        ],
-    )
-    try:
-        baseline.wait_ready(path="/ready")
-        plain = orjson.dumps(example)
-        run_load("127.0.0.1", port, "/", {"Content-Type": "application/json"}, plain, concurrency=8, duration=0.5)
-        result = {
-            f"c{c}": _phase(
-                run_load(
-                    "127.0.0.1",
-                    port,
-                    "/",
-                    {"Content-Type": "application/json"},
-                    plain,
-                    concurrency=c,
-                    duration=duration,
-                )
-            )
-            for c in (1, 32)
-        }
-    finally:
-        baseline.stop()
-
-    return result
-
-
 def ratios(report: dict[str, Any]) -> dict[str, float]:
     fn, raw = report["function"], report["raw"]
     top = max(fn[k]["req_per_s"] for k in fn if k != "batched")
     out = {"best_vs_raw_limit": top / raw["best_rows_per_s"]}
     if "c32" in fn:
         out["c32_vs_raw_limit"] = fn["c32"]["req_per_s"] / raw["best_rows_per_s"]
-        if "baseline" in report:
-            out["c32_vs_baseline"] = fn["c32"]["req_per_s"] / max(report["baseline"]["c32"]["req_per_s"], 1e-9)
     if "c1" in fn:
         out["c1_p50_minus_raw_batch1_ms"] = fn["c1"]["p50_ms"] - raw["batch1_p50_ms"]
     return out
@@ -307,8 +258,7 @@ def print_report(report: dict[str, dict[str, Any]]) -> None:
             f"best {raw['best_rows_per_s']:.0f} rows/s at batch {raw['best_batch']}"
         )
         print(f"{'setup':<34}{'req/s':>10}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'batch':>7}  non-200")
-        rows = [(f"plain baseline c{c[1:]}", v) for c, v in r.get("baseline", {}).items()]
-        rows += [(f"function {k}", v) for k, v in r["function"].items()]
+        rows = [(f"function {k}", v) for k, v in r["function"].items()]
         for label, v in rows:
             bad = {k: n for k, n in v["statuses"].items() if k != 200}
             if v["errors"]:

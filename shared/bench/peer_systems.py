@@ -40,7 +40,8 @@ def requirements(peer: str) -> list[str]:
     return {
         "naive": [_ours("flask"), _ours("gunicorn"), *common],
         "kserve": ["kserve==0.21.0", *common],
-        "mlserver": ["mlserver==1.7.1", *common],
+        # MLServer 1.7.1 calls asyncio.get_event_loop() outside a loop, which uvloop >= 0.22 refuses.
+        "mlserver": ["mlserver==1.7.1", "uvloop==0.21.0", *common],
     }[peer]
 
 
@@ -106,10 +107,16 @@ def _flat(row: Any) -> list[float]:
 
 
 def launch(system: str, target: Target, say: Any = print) -> Launch:
+    """How to start `system` for `target`. `onnxfn/workers=1/engine=shared` is onnxfn with
+    ONNXFN_WORKERS=1 and ONNXFN_ENGINE=shared (a layout to compare)."""
     port = free_port()
     env = {**os.environ, "PORT": str(port), "BENCH_MODEL": str(target.path)}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     instances = json.dumps({"instances": [target.row]}).encode()
+    system, *overrides = system.split("/")
+    for override in overrides:
+        key, _, value = override.partition("=")
+        env[f"ONNXFN_{key.upper().replace('-', '_')}"] = value
     if system == "onnxfn":
         argv = [sys.executable, "-m", "shared.cli", "serve"]
         if target.function:

@@ -72,7 +72,7 @@ def test_handler_satisfies_contract(handler: EmbedHandler) -> None:
     assert config.result_types == ("dev.onnxfn.embed.result",)
     assert config.model_file == "embed/1/model.onnx"
     assert config.batching.max_batch_size == 32
-    assert (config.workers, config.threads) == (2, 16)
+    assert (config.workers, config.concurrency) == (2, 16)
 
 
 def test_model_io(session: ort.InferenceSession, model_dir: Path) -> None:

@@ -41,7 +41,7 @@ def test_config(handler: PostprocessHandler) -> None:
     assert config.model_file is None
     assert config.accepts == ("dev.onnxfn.digits.result",)
     assert config.result_types == (ACCEPTED, REVIEW) == ("dev.onnxfn.digits.accepted", "dev.onnxfn.digits.review")
-    assert (config.workers, config.threads) == (1, 16)
+    assert (config.workers, config.concurrency) == (1, 16)
     assert handler.threshold == 0.9
 
 
