@@ -7,9 +7,11 @@ queue and go together in the next run. So a lone request runs at once and a load
 batches from concurrent connections. Items whose non-batch shapes differ run as separate groups.
 
 A model run happens either inline on the loop (models so fast that a thread hand-off would cost
-more than the run: HTTP-bound models) or in one inference thread (onnxruntime releases the GIL,
-so the loop keeps parsing requests meanwhile). The queue is bounded: a full queue raises QueueFull
-(HTTP 429 with Retry-After) instead of growing latency without bound.
+more than the run: HTTP-bound models) or in inference threads (onnxruntime releases the GIL, so
+the loop keeps parsing requests meanwhile). With several inference threads, up to that many runs
+proceed at once on the same session, each a batch of what was waiting when it started. The queue
+is bounded: a full queue raises QueueFull (HTTP 429 with Retry-After) instead of growing latency
+without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -57,6 +60,7 @@ class DynamicBatcher:
         max_batch_size: int,
         capacity: int,
         inline: bool = False,
+        threads: int = 1,
         observe: BatchObserver | None = None,
         observe_sources: Callable[[int], None] | None = None,
     ) -> None:
@@ -67,8 +71,10 @@ class DynamicBatcher:
         self._observe = observe
         self._observe_sources = observe_sources  # called per run with how many sources it served
         self._pending: deque[_Item] = deque()
-        self._busy = False  # a drain is scheduled or a run is in progress
-        self._executor = None if inline else ThreadPoolExecutor(1, thread_name_prefix="onnxfn-infer")
+        self._scheduled = False  # a drain is due on the loop's next turn
+        self._running = 0  # runs in progress in the inference threads
+        self.threads = 1 if inline else threads
+        self._executor = None if inline else ThreadPoolExecutor(threads, thread_name_prefix="onnxfn-infer")
 
     # -- request side (on the loop) -----------------------------------------------------------------
     def submit(self, feeds: Feeds, *, admitted: bool = False, source: int = 0) -> asyncio.Future[Feeds]:
@@ -82,8 +88,8 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         item = _Item(feeds, loop.create_future(), source)
         self._pending.append(item)
-        if not self._busy:
-            self._busy = True
+        if not self._scheduled and self._running < self.threads:
+            self._scheduled = True
             loop.call_soon(self._drain)
         return item.future
 
@@ -111,19 +117,24 @@ class DynamicBatcher:
         return list(groups.values())
 
     def _drain(self) -> None:
-        if not self._pending:
-            self._busy = False
-            return
-        groups = self._take()
+        self._scheduled = False
         loop = asyncio.get_running_loop()
         if self._executor is None:
-            self._deliver(groups, [self._compute(items) for items in groups])
-            loop.call_soon(self._drain)
+            if self._pending:
+                groups = self._take()
+                self._deliver(groups, [self._compute(items) for items in groups])
+            if self._pending:
+                self._scheduled = True
+                loop.call_soon(self._drain)
             return
-        running = loop.run_in_executor(self._executor, self._compute_all, groups)
-        running.add_done_callback(lambda done: self._finished(groups, done))
+        while self._pending and self._running < self.threads:
+            groups = self._take()
+            self._running += 1
+            running = loop.run_in_executor(self._executor, self._compute_all, groups)
+            running.add_done_callback(partial(self._finished, groups))
 
     def _finished(self, groups: list[list[_Item]], done: asyncio.Future[list[Any]]) -> None:
+        self._running -= 1
         self._deliver(groups, done.result())
         self._drain()
 

@@ -79,6 +79,7 @@ class Settings:
     engine_socket: Path | None = None
     workers: int | None = None
     intra_op_threads: int | None = None
+    inference_threads: int | None = None
     intra_op_spinning: bool | None = None
     max_batch_size: int | None = None
     queue_capacity: int | None = None
@@ -119,6 +120,7 @@ class Settings:
             engine_socket=Path(socket) if socket else None,
             workers=_int(env, PREFIX + "WORKERS", None, 1),
             intra_op_threads=_int(env, PREFIX + "INTRA_OP_THREADS", None, 1),
+            inference_threads=_int(env, PREFIX + "INFERENCE_THREADS", None, 1),
             intra_op_spinning=_bool(env, PREFIX + "INTRA_OP_SPINNING"),
             max_batch_size=_int(env, PREFIX + "MAX_BATCH_SIZE", None, 1),
             queue_capacity=_int(env, PREFIX + "QUEUE_CAPACITY", None, 1),

@@ -64,9 +64,10 @@ class FunctionConfig:
     model_versions: Mapping[str, str] = field(default_factory=dict, hash=False)
     batching: Batching = field(default_factory=Batching)
     scaling: Scaling = field(default_factory=Scaling)
-    # One asyncio worker per two cores measured fastest for HTTP-bound models on 2 cores (one
-    # worker parses while onnxruntime uses the rest); compute-bound models were level either way.
-    workers: int = 1
+    # Asyncio worker processes. On 2 cores two measured best for compute-bound models (1.3-1.4x
+    # one worker on the CNN: one process's event loop and inference threads share one GIL), one
+    # for HTTP-bound ones (1.3x two workers on the MLP and digits).
+    workers: int = 2
     # Requests one worker holds at once: its share of the pod's containerConcurrency.
     concurrency: int = 16
     # Where the session lives (see Settings.engine): "auto", "per-worker" or "shared".

@@ -27,7 +27,7 @@ import numpy as np
 import orjson
 
 from shared import tensor_frames as frames
-from shared.config import Settings, available_cores
+from shared.config import Settings
 from shared.errors import FunctionError, InferenceFailed, ModelNotReady, QueueFull
 from shared.model import TensorSpec, check_feeds
 
@@ -69,7 +69,7 @@ class EngineServer:
         self.model = OnnxModel(
             settings.model_dir / model_file,
             providers=settings.providers,
-            intra_op_threads=settings.intra_op_threads or available_cores(),
+            intra_op_threads=layout.intra_op_threads,
             spinning=bool(settings.intra_op_spinning),
             cache_dir=settings.cache_dir,
         )
@@ -95,6 +95,7 @@ class EngineServer:
             max_batch_size=layout.max_batch_size,
             capacity=layout.queue_capacity,
             inline=False,
+            threads=layout.inference_threads,
             observe=self.metrics.observe_batch,
             observe_sources=self.metrics.engine_batch_workers.observe,
         )

@@ -45,9 +45,15 @@ WARM_UP_BUDGET_S = 0.02
 
 @dataclass(frozen=True)
 class Layout:
-    """How this process uses the machine: worker processes and onnxruntime threads."""
+    """How a server uses the machine: worker processes, concurrent model runs and onnxruntime threads.
+
+    Each session (a worker's, or the engine's) runs one batch at a time unless
+    `ONNXFN_INFERENCE_THREADS` asks for more, on cores / workers onnxruntime threads (all cores
+    in the engine), shared among its runs.
+    """
 
     workers: int
+    inference_threads: int
     intra_op_threads: int
     spinning: bool
     max_batch_size: int
@@ -56,12 +62,15 @@ class Layout:
 
     @classmethod
     def of(cls, config: FunctionConfig, settings: Settings) -> Layout:
+        engine = uses_engine(config, settings)
         workers = settings.workers or config.workers
-        intra = settings.intra_op_threads or max(1, available_cores() // workers)
+        cores = available_cores() if engine else max(1, available_cores() // workers)
+        runs = settings.inference_threads or 1
         return cls(
-            engine=uses_engine(config, settings),
+            engine=engine,
             workers=workers,
-            intra_op_threads=intra,
+            inference_threads=runs,
+            intra_op_threads=settings.intra_op_threads or max(1, cores // runs),
             # Spinning threads steal the cores the event loop needs between runs: off unless asked.
             spinning=bool(settings.intra_op_spinning),
             max_batch_size=settings.max_batch_size or config.batching.max_batch_size,
@@ -78,6 +87,11 @@ def uses_engine(config: FunctionConfig, settings: Settings) -> bool:
     choice = settings.engine if settings.engine != "auto" else config.engine
     if choice != "auto":
         return choice == "shared"
+    return uses_gpu(settings)
+
+
+def uses_gpu(settings: Settings) -> bool:
+    """Whether the session will ask for a GPU (it still falls back to the CPU if none works)."""
     from shared.model import gpu_visible
 
     return settings.providers in ("cuda", "tensorrt") or (settings.providers == "auto" and gpu_visible())
@@ -199,6 +213,7 @@ class Pipeline:
                     max_batch_size=self.layout.max_batch_size,
                     capacity=self.layout.queue_capacity,
                     inline=not model.on_gpu and run_s < INLINE_RUN_S,
+                    threads=self.layout.inference_threads,
                     observe=self.metrics.observe_batch,
                 )
             t2 = time.perf_counter()

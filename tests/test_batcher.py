@@ -141,3 +141,23 @@ def test_multi_row_items_are_not_split_across_runs(inline: bool) -> None:
     first, second = asyncio.run(main())
     assert first["y"].tolist() == second["y"].tolist() == [[0, 2], [4, 6], [8, 10]]
     assert calls == [3, 3]
+
+
+def test_with_two_inference_threads_two_runs_proceed_at_once() -> None:
+    both_running = threading.Barrier(2, timeout=5)  # breaks (BrokenBarrierError) unless two runs overlap
+    calls: list[int] = []
+
+    def run(feeds: Feeds) -> Feeds:
+        calls.append(len(feeds["x"]))
+        if len(calls) <= 2:
+            both_running.wait()
+        return feeds
+
+    batcher = DynamicBatcher(run, max_batch_size=4, capacity=100, threads=2)
+
+    async def main() -> list[Feeds]:
+        return await asyncio.gather(*(batcher.infer({"x": np.full((1, 1), i)}) for i in range(10)))
+
+    results = asyncio.run(main())
+    assert [int(r["x"][0, 0]) for r in results] == list(range(10))
+    assert calls[:2] == [4, 4] and sum(calls) == 10
