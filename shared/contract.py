@@ -65,8 +65,8 @@ class FunctionConfig:
     batching: Batching = field(default_factory=Batching)
     scaling: Scaling = field(default_factory=Scaling)
     # Asyncio worker processes. On 2 cores two measured best for compute-bound models (1.3-1.4x
-    # one worker on the CNN: one process's event loop and inference threads share one GIL), one
-    # for HTTP-bound ones (1.3x two workers on the MLP and digits).
+    # one worker on the CNN: one process's event loop and inference thread share one GIL) and
+    # for batched CloudEvents (2x on digits); one was ~1.1-1.3x two on single HTTP-bound events.
     workers: int = 2
     # Requests one worker holds at once: its share of the pod's containerConcurrency.
     concurrency: int = 16

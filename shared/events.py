@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -245,8 +246,16 @@ def encode_http(mode: Mode, events: list[Event]) -> tuple[dict[str, str], bytes]
     return {"Content-Type": BATCH + "; charset=utf-8"}, body
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """The current UTC time, RFC 3339 with microseconds (the second's text formatted once a second)."""
+    now = time.time()
+    second = int(now)
+    if _second[0] != second:
+        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{int((now - second) * 1_000_000):06d}Z"
 
 
 def _fresh_attributes(type_: str, source: str) -> dict[str, Any]:

@@ -333,39 +333,59 @@ class Pipeline:
 
         An event that is invalid (a 4xx) becomes an error event in its place, so the others are not
         lost; a retryable failure (429, 5xx) fails the whole request so the sender retries it. The
-        request is let in when the queue has room for its first event (so one larger than the queue
-        still runs).
+        events' inputs go to the batcher as few items (one per input shape, at most
+        `max_batch_size` rows each), not one item an event; the request is let in when the queue
+        has room for its first item (so one larger than the queue still runs).
         """
         if not self._ready.is_set():
             await self._await_ready()
-        pending: list[Any] = []
-        admitted = False
+        prepared: list[Feeds | FunctionError] = []
         for event in events:
             try:
-                feeds = self._preprocess(event)
+                prepared.append(self._preprocess(event))
             except FunctionError as exc:
-                pending.append(exc)
-                continue
-            if self.batcher is None:
-                pending.append(feeds)
-                continue
-            pending.append(self.batcher.submit(feeds, admitted=admitted))
-            admitted = True
+                prepared.append(exc)
+        outputs: dict[int, Feeds] = {}
+        if self.batcher is not None:
+            await self._run_together(prepared, outputs)
         results: list[Event] = []
-        failure: BaseException | None = None
-        for event, item in zip(events, pending, strict=True):
+        for index, (event, item) in enumerate(zip(events, prepared, strict=True)):
             if isinstance(item, FunctionError):
                 results.append(self.error_event(event, item))
-            elif isinstance(item, dict):
-                results.append(self._finish(event, item))
             else:
-                try:
-                    results.append(self._finish(event, await item))
-                except FunctionError as exc:  # awaited to the end so no future is left unobserved
-                    failure = failure or exc
+                results.append(self._finish(event, outputs.get(index, item)))
+        return results
+
+    async def _run_together(self, prepared: list[Feeds | FunctionError], outputs: dict[int, Feeds]) -> None:
+        """Run every prepared input through the batcher in as few items as their shapes allow;
+        fills `outputs` by event index."""
+        assert self.batcher is not None
+        valid = {index: item for index, item in enumerate(prepared) if not isinstance(item, FunctionError)}
+        by_shape: dict[tuple[Any, ...], list[int]] = {}
+        for index, feeds in valid.items():
+            signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
+            by_shape.setdefault(signature, []).append(index)
+        submitted: list[tuple[list[int], Any]] = []
+        limit = self.layout.max_batch_size
+        for indices in by_shape.values():
+            for start in range(0, len(indices), limit):
+                chunk = indices[start : start + limit]
+                feeds = {name: np.concatenate([valid[i][name] for i in chunk]) for name in valid[chunk[0]]}
+                submitted.append((chunk, self.batcher.submit(feeds, admitted=bool(submitted))))
+        failure: BaseException | None = None
+        for chunk, future in submitted:
+            try:
+                rows = await future
+            except FunctionError as exc:  # awaited to the end so no future is left unobserved
+                failure = failure or exc
+                continue
+            offset = 0
+            for index in chunk:
+                count = len(next(iter(valid[index].values())))
+                outputs[index] = {name: value[offset : offset + count] for name, value in rows.items()}
+                offset += count
         if failure is not None:
             raise failure
-        return results
 
     def error_event(self, event: Event, error: FunctionError) -> Event:
         """An error event answering `event`: the reason travels with the stream."""

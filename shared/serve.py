@@ -126,6 +126,10 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         "loglevel": settings.log_level,
         "proc_name": f"onnxfn-{settings.function}",
         "preload_app": False,
+        # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads connections over
+        # the workers: with one shared socket an asyncio worker can accept most keep-alive
+        # connections and leave the others idle.
+        "reuse_port": True,
         # gunicorn >= 23 opens a control socket under $HOME, which is not writable in the image.
         "control_socket_disable": True,
     }

@@ -173,7 +173,7 @@ def test_command_edits_only_the_traffic_block(tmp_path: Path, capsys: pytest.Cap
     assert traffic.run(args) == 0
     after = path.read_text()
     head = before[: before.index("\n  traffic:")]
-    assert after.startswith(head) and "# 1 worker x 32 requests each" in after
+    assert after.startswith(head) and "# 2 workers x 16 requests each" in after
     assert yaml.safe_load(after)["spec"]["traffic"] == CANARY[0][1]
     assert traffic.run(argparse.Namespace(**{**vars(args), "tag": [], "splits": ["current=120"]})) == 1
     assert "expected 0 <= percent <= 100" in capsys.readouterr().err

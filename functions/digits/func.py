@@ -129,8 +129,8 @@ class DigitsHandler:
                 memory="512Mi",
                 timeout_seconds=30,
             ),
-            workers=1,
-            concurrency=32,
+            workers=2,
+            concurrency=16,
         )
 
     def preprocess(self, data: Any) -> Feeds:

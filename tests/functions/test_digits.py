@@ -50,7 +50,7 @@ def test_handler_satisfies_contract(handler: DigitsHandler) -> None:
     assert config.result_types == ("dev.onnxfn.digits.result",)
     assert config.model_file == "digits/1/model.onnx"
     assert config.batching.max_batch_size == 64
-    assert (config.workers, config.concurrency) == (1, 32)
+    assert (config.workers, config.concurrency) == (2, 16)
 
 
 def test_model_io(session: ort.InferenceSession, model_dir: Path) -> None:
