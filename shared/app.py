@@ -21,7 +21,15 @@ from flask import Flask, Response, request
 
 from shared.errors import FunctionError, InvalidEvent, PayloadTooLarge
 from shared.events import decode_http, encode_http
-from shared.oip import decode_request, encode_response, model_metadata
+from shared.oip import (
+    HEADER_LENGTH,
+    SERVER_METADATA,
+    decode_request,
+    encode_response,
+    error_body,
+    model_metadata,
+    split_body,
+)
 from shared.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
     message = await receive()
     body: bytes = message.get("body", b"")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"body is over the {limit}-byte limit")
     if not message.get("more_body"):
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -83,6 +93,14 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise PayloadTooLarge(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def header_value(scope: Scope, name: bytes) -> str | None:
+    """One request header (lower-case `name`), or None."""
+    for raw_name, raw_value in scope["headers"]:
+        if raw_name == name:
+            return str(raw_value.decode("latin-1"))
+    return None
 
 
 def event_headers(scope: Scope) -> dict[str, str]:
@@ -111,7 +129,7 @@ class HotPaths:
         self.max_body_bytes = max_body_bytes
         self.metrics = pipeline.metrics
         self.name = pipeline.config.name
-        self.versions = set(pipeline.config.model_versions) | {pipeline.model_version}
+        self.versions = {pipeline.model_version}  # this server serves one version of the model
 
     async def cloudevents(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -144,26 +162,30 @@ class HotPaths:
                     status, headers, payload = 404, [(b"content-type", JSON)], self._unknown(model, version)
                 else:
                     body = await read_body(scope, receive, self.max_body_bytes)
+                    text, binary = split_body(body, header_value(scope, HEADER_LENGTH.encode()))
                     try:
-                        parsed = orjson.loads(body)
+                        parsed = orjson.loads(text)
                     except orjson.JSONDecodeError as exc:
-                        raise InvalidEvent(f"body is not valid JSON: {exc}") from None
-                    feeds, request_id = decode_request(parsed)
-                    outputs = await self.pipeline.infer_tensors(feeds)
-                    answer = encode_response(self.name, self.pipeline.model_version, outputs, request_id)
-                    status, headers = 200, [(b"content-type", JSON)]
-                    payload = orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY)
+                        raise InvalidEvent(f"inference request is not valid JSON: {exc}") from None
+                    known = [o.name for o in self.pipeline.model.outputs] if self.pipeline.model else None
+                    request = decode_request(parsed, binary, known)
+                    outputs = await self.pipeline.infer_tensors(request.feeds)
+                    answer_headers, payload = encode_response(self.name, self.pipeline.model_version, outputs, request)
+                    status = 200
+                    headers = [(k.encode(), v.encode()) for k, v in answer_headers.items()]
             except ClientGone:
                 return
             except Exception as exc:
                 status, headers, payload = self._failed(exc, scope["path"])
+                if isinstance(exc, FunctionError):  # the spec's error body: the message in `error`
+                    payload = orjson.dumps(error_body(exc))
             self.metrics.request("/v2/models/<model>/infer", status)
             self.metrics.latency.observe(time.perf_counter() - started)
             await respond(send, status, headers, payload)
 
     def _unknown(self, model: str, version: str | None) -> bytes:
         what = f"model {model!r}" if model != self.name else f"version {version!r} of {model!r}"
-        return orjson.dumps({"error": "NotFound", "message": f"no {what} here (this function serves {self.name!r})"})
+        return orjson.dumps({"error": f"no {what} here (this function serves {self.name!r})", "kind": "NotFound"})
 
     @staticmethod
     def _failed(exc: Exception, where: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -185,9 +207,10 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
 
     def readiness() -> Response:
         if pipeline.server_ready:
-            return json({"status": "ready", "function": name, **pipeline.timings})
+            return json({"status": "ready", "ready": True, "name": name, "function": name, **pipeline.timings})
         error = pipeline.not_ready_error()
-        response = json({"status": "not ready", "function": name, "reason": error.message}, 503)
+        body = {"status": "not ready", "ready": False, "name": name, "function": name, "reason": error.message}
+        response = json(body, 503)
         response.headers["Retry-After"] = "1"
         return response
 
@@ -209,21 +232,31 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
     app.add_url_rule("/health/readiness", "readiness", readiness)
     app.add_url_rule("/v2/health/ready", "v2_ready", readiness)
 
+    @app.get("/v2")
+    def server_metadata() -> Response:
+        return json(SERVER_METADATA)
+
     @app.get("/v2/models/<model>")
-    def metadata(model: str) -> Response:
-        _known(model)
+    @app.get("/v2/models/<model>/versions/<model_version>")
+    def metadata(model: str, model_version: str | None = None) -> Response:
+        _known(model, model_version)
         return json(model_metadata(name, version, pipeline.model))
 
     @app.get("/v2/models/<model>/ready")
-    def model_ready(model: str) -> Response:
-        _known(model)
+    @app.get("/v2/models/<model>/versions/<model_version>/ready")
+    def model_ready(model: str, model_version: str | None = None) -> Response:
+        _known(model, model_version)
         return readiness()
 
-    def _known(model: str) -> None:
-        if model != name:
-            from werkzeug.exceptions import NotFound
+    versions = {version}  # this server serves one version of the model
 
+    def _known(model: str, model_version: str | None = None) -> None:
+        from werkzeug.exceptions import NotFound
+
+        if model != name:
             raise NotFound(f"no model {model!r} here (this function serves {name!r})")
+        if model_version is not None and model_version not in versions:
+            raise NotFound(f"no version {model_version!r} of {name!r} here (versions: {', '.join(sorted(versions))})")
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -142,16 +142,23 @@ def from_structured_dict(envelope: Any) -> Event:
         raise InvalidEvent("structured CloudEvent must be a JSON object")
     attributes = {k: v for k, v in envelope.items() if k not in ("data", "data_base64")}
     check_attributes(attributes)
-    if "data_base64" in envelope:
-        import base64
+    if "data_base64" not in envelope:
+        return Event(attributes, envelope.get("data"))
+    import base64
 
-        try:
-            data: Any = base64.b64decode(envelope["data_base64"], validate=True)
-        except (ValueError, TypeError):
-            raise InvalidEvent("data_base64 is not valid base64", event_id=str(attributes["id"])) from None
-    else:
-        data = envelope.get("data")
-    return Event(attributes, data)
+    event_id = str(attributes["id"])
+    try:
+        raw = base64.b64decode(envelope["data_base64"], validate=True)
+    except (ValueError, TypeError):
+        raise InvalidEvent("data_base64 is not valid base64", event_id=event_id) from None
+    # The bytes of the data, as SDKs write bytes data: for a JSON content type they are JSON text.
+    content_type = attributes.get("datacontenttype")
+    if raw and content_type and is_json_content(content_type):
+        return Event(attributes, decode_data(raw, content_type, event_id), _raw=raw)
+    if raw and not content_type:  # no type given: JSON if it parses, else the bytes
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return Event(attributes, orjson.loads(raw), _raw=raw)
+    return Event(attributes, raw)
 
 
 def to_structured_dict(event: Event) -> dict[str, Any]:

@@ -24,15 +24,17 @@ from uvicorn_worker import UvicornWorker
 
 from shared.config import Settings
 from shared.engine import EngineSupervisor
+from shared.http_protocol import BoundedHttpToolsProtocol
 from shared.readiness import WorkerReadiness
 
 
 class FunctionWorker(UvicornWorker):  # type: ignore[misc]
-    """gunicorn worker running the function's ASGI app on uvloop with the httptools parser."""
+    """gunicorn worker running the function's ASGI app on uvloop with the httptools parser
+    (its request heads capped: shared/http_protocol.py)."""
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "uvloop",
-        "http": "httptools",
+        "http": BoundedHttpToolsProtocol,
         "lifespan": "on",
         "server_header": False,
     }
@@ -138,7 +140,6 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 def start_engine(settings: Settings) -> EngineSupervisor | None:
     """The shared engine process, when this function's layout has one (before any worker starts)."""
     from shared.contract import load_handler
-    from shared.engine import EngineSupervisor
     from shared.pipeline import Layout
 
     if not Layout.of(load_handler(settings.function).config, settings).engine:

@@ -268,7 +268,11 @@ def test_not_ready_until_model_arrives_in_every_worker(model_dir: Path, tmp_path
             time.sleep(0.05)
         ready = requests.get(server.url + "/health/readiness", timeout=5)
         assert ready.status_code == 503
-        assert "not found" in ready.json()["reason"]
+        while "not found" not in ready.json()["reason"]:  # "loading" until the first attempt fails
+            assert ready.json()["reason"] == "model is loading; retry shortly" and time.monotonic() < deadline
+            time.sleep(0.02)
+            ready = requests.get(server.url + "/health/readiness", timeout=5)
+        assert ready.status_code == 503
         response = requests.post(server.url, data=b'{"image": []}', headers=headers_of(), timeout=5)
         assert response.status_code == 503
         assert response.headers["Retry-After"] == "1"
