@@ -18,13 +18,15 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from uvicorn_worker import UvicornWorker
 
 from shared.config import Settings
-from shared.engine import EngineSupervisor
 from shared.http_protocol import BoundedHttpToolsProtocol
+
+if TYPE_CHECKING:
+    from shared.engine import EngineSupervisor
 from shared.readiness import WorkerReadiness
 
 
@@ -36,6 +38,7 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
         "loop": "uvloop",
         "http": BoundedHttpToolsProtocol,
         "lifespan": "on",
+        "ws": "none",
         "server_header": False,
     }
 
@@ -140,6 +143,7 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
 def start_engine(settings: Settings) -> EngineSupervisor | None:
     """The shared engine process, when this function's layout has one (before any worker starts)."""
     from shared.contract import load_handler
+    from shared.engine import EngineSupervisor
     from shared.pipeline import Layout
 
     if not Layout.of(load_handler(settings.function).config, settings).engine:

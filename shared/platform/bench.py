@@ -90,8 +90,8 @@ class PlatformProcess:
     def wait_zero(self, service: str, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            svc = next(s for s in self.status()["services"] if s["name"] == service)
-            if all(r["ready"] + r["starting"] + r["stopping"] == 0 for r in svc["revisions"]):
+            svc = next((s for s in self.status()["services"] if s["name"] == service), None)
+            if svc is not None and all(r["ready"] + r["starting"] + r["stopping"] == 0 for r in svc["revisions"]):
                 return
             time.sleep(0.05)
         raise TimeoutError(f"{service} did not go back to zero")
