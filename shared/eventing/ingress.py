@@ -1,100 +1,108 @@
 """The broker ingress: `POST /<namespace>/<broker>` with one CloudEvent (binary or structured).
 
 The event is written to the broker topic in Kafka binary mode, keyed by `partitionkey`, and the
-answer is 202 only once Kafka has acknowledged the write. 400: not a valid CloudEvent (or a batch);
-404: no such broker; 405: not a POST; 413: body over the limit; 503: the write failed or timed out.
+answer is 202 only once Kafka has acknowledged the write. 400: not a valid CloudEvent (or a batch,
+or a framing error); 404: no such broker; 405: not a POST (JSON, for every other method); 413:
+body over the limit, known from Content-Length or while a chunked body is read; 431: request head
+over 64 KiB; 503: the write failed or timed out. `GET`/`HEAD /healthz` and `/readyz` answer 200.
+
+The server is uvicorn with the function server's capped httptools protocol, on its own event
+loop in a thread: llhttp does the framing (chunked bodies, Content-Length rules), nothing here
+parses HTTP by hand.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import threading
+import time
 from collections.abc import Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import orjson
+import uvicorn
 
+from shared.asgi import ClientGone, Receive, Scope, Send, event_headers, read_body, respond
 from shared.errors import FunctionError
 from shared.eventing.sink import TopicTarget
 from shared.events import decode_http
+from shared.http_protocol import BoundedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 ACK_TIMEOUT_S = 10.0
+JSON = [(b"content-type", b"application/json")]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: IngressServer
-    protocol_version = "HTTP/1.1"
+def _answer(status: int, message: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    return status, list(JSON), orjson.dumps({"status": status, "message": message}) if message else b""
 
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("ingress: " + format, *args)
 
-    def _answer(self, status: int, message: str = "") -> None:
-        body = orjson.dumps({"status": status, "message": message}) if message else b""
-        self.send_response(status)
-        if body:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class IngressApp:
+    """The ASGI app: one CloudEvent per POST into its broker's topic."""
 
-    def do_GET(self) -> None:
-        if self.path in ("/healthz", "/readyz"):
-            self._answer(200)
+    def __init__(self, brokers: Mapping[str, TopicTarget], max_body_bytes: int) -> None:
+        self.brokers = dict(brokers)
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"]
+        if method in ("GET", "HEAD") and path in ("/healthz", "/readyz"):
+            status, headers, body = _answer(200)
+        elif method != "POST":
+            status, headers, body = _answer(405, "POST one CloudEvent to /<namespace>/<broker>")
+            headers.append((b"allow", b"POST"))
         else:
-            self._answer(405, "POST one CloudEvent to /<namespace>/<broker>")
+            try:
+                status, headers, body = await self._post(scope, receive, path.rstrip("/"))
+            except ClientGone:
+                return
+        if method == "HEAD":
+            body = b""
+        await respond(send, status, headers, body)
 
-    def do_POST(self) -> None:
-        target = self.server.brokers.get(self.path.split("?", 1)[0].rstrip("/"))
-        length = int(self.headers.get("Content-Length") or 0)
+    async def _post(self, scope: Scope, receive: Receive, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        target = self.brokers.get(path)
         if target is None:
-            self._drain(length)
-            self._answer(404, f"no broker at {self.path}")
-            return
-        if length > self.server.max_body_bytes:
-            self._discard(length)
-            self.close_connection = True
-            self._answer(413, f"body of {length} bytes is over the {self.server.max_body_bytes}-byte limit")
-            return
-        body = self.rfile.read(length) if length else b""
-        headers = {k.lower(): v for k, v in self.headers.items()}
+            return _answer(404, f"no broker at {path}")
         try:
-            mode, events = decode_http(headers, body)
+            body = await read_body(scope, receive, self.max_body_bytes)
+            mode, events = decode_http(event_headers(scope), body)
         except FunctionError as exc:
-            self._answer(400, exc.message)
-            return
+            return _answer(exc.status, exc.message)
         if mode == "batch":
-            self._answer(400, "the broker accepts one event per request, not a batch")
-            return
+            return _answer(400, "the broker accepts one event per request, not a batch")
+        loop = asyncio.get_running_loop()
+        acked: asyncio.Future[Exception | None] = loop.create_future()
+
+        def settle(error: Exception | None) -> None:
+            if not acked.done():  # not timed out meanwhile
+                acked.set_result(error)
+
+        def on_acked(error: Exception | None) -> None:  # on the producer's thread
+            loop.call_soon_threadsafe(settle, error)
+
+        error: Exception | None
         try:
-            target.send_and_wait(events[0], ACK_TIMEOUT_S)
-        except (RuntimeError, TimeoutError) as exc:
-            log.warning("ingress: write to %s failed: %s", target.topic, exc)
-            self._answer(503, f"the broker could not store the event: {exc}")
-            return
-        self._answer(202)
-
-    def _discard(self, length: int) -> None:
-        """Read and drop an oversized body (up to 16x the limit), so the client sees the 413, not a reset."""
-        left = min(length, 16 * self.server.max_body_bytes)
-        while left > 0:
-            chunk = self.rfile.read(min(left, 1 << 16))
-            if not chunk:
-                break
-            left -= len(chunk)
-
-    def _drain(self, length: int) -> None:
-        if 0 < length <= self.server.max_body_bytes:
-            self.rfile.read(length)
+            target.send(events[0], on_acked)
+        except Exception as exc:  # the producer refused the record (queue full, fatal error)
+            error = exc
         else:
-            self.close_connection = True
+            try:
+                error = await asyncio.wait_for(acked, ACK_TIMEOUT_S)
+            except TimeoutError:
+                error = TimeoutError(f"no acknowledgement within {ACK_TIMEOUT_S:.0f} s")
+        if error is not None:
+            log.warning("ingress: write to %s failed: %s", target.topic, error)
+            return _answer(503, f"the broker could not store the event: {error}")
+        return _answer(202)
 
 
-class IngressServer(ThreadingHTTPServer):
+class IngressServer:
     """Broker ingress on `host:port`; `brokers` maps `/<namespace>/<name>` to the broker topic target."""
-
-    daemon_threads = True
 
     def __init__(
         self,
@@ -103,19 +111,43 @@ class IngressServer(ThreadingHTTPServer):
         port: int = 0,
         max_body_bytes: int = MAX_BODY_BYTES,
     ):
-        super().__init__((host, port), _Handler)
         self.brokers = dict(brokers)
         self.max_body_bytes = max_body_bytes
-        self._thread = threading.Thread(target=self.serve_forever, name="ingress", daemon=True)
+        self._socket = socket.create_server((host, port), backlog=1024)
+        config = uvicorn.Config(
+            IngressApp(brokers, max_body_bytes),
+            http=BoundedHttpToolsProtocol,
+            loop="asyncio",
+            lifespan="off",
+            ws="none",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="ingress", daemon=True)
+
+    def _serve(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._socket]))
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return f"http://{host!s}:{port}"
 
-    def start(self) -> None:
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Serve in a thread; returns once the server accepts connections."""
         self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the broker ingress did not start")
+            time.sleep(0.005)
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._socket.close()
+
+    def __repr__(self) -> str:
+        return f"IngressServer({self.url})"

@@ -19,14 +19,22 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from shared.platform.http import BadRequest, Request, Response, read_request, read_response, simple_response
+from shared.platform.http import BadRequest, Request, RequestReader, Response, read_response, simple_response
 from shared.platform.instance import Instance
 from shared.platform.revision import RevisionRuntime, Unavailable
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 5
 RETRY_DELAY_S = 0.01
-REASONS = {404: "Not Found", 400: "Bad Request", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    413: "Content Too Large",
+    431: "Request Header Fields Too Large",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,15 @@ class Activator:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, fixed: Route | None
     ) -> None:
         self.connections.add(writer)
+        requests = RequestReader(reader, writer)
         try:
             while True:
                 try:
-                    request = await read_request(reader, writer)
+                    request = await requests.next()
                 except BadRequest as exc:
-                    writer.write(simple_response(400, "Bad Request", str(exc).encode(), close=True))
+                    reason = REASONS.get(exc.status, "Bad Request")
+                    writer.write(simple_response(exc.status, reason, str(exc).encode() + b"\n", close=True))
+                    await writer.drain()
                     return
                 if request is None:
                     return
