@@ -100,7 +100,7 @@ def decode_request(body: bytes) -> tuple[int, bool, Feeds]:
     try:
         request_id, flags = REQUEST.unpack_from(view, 0)
         return request_id, bool(flags & ADMITTED), _decode_tensors(view, REQUEST.size)
-    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise FrameError(f"bad request frame: {exc}") from None
 
 
@@ -114,5 +114,5 @@ def decode_reply(body: bytes) -> tuple[int, int, Any]:
         (length,) = MESSAGE.unpack_from(view, REPLY.size)
         start = REPLY.size + MESSAGE.size
         return request_id, status, bytes(view[start : start + length]).decode()
-    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
         raise FrameError(f"bad reply frame: {exc}") from None
