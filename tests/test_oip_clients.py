@@ -103,3 +103,29 @@ def test_sdk_structured_event_with_bytes_data(digits: FunctionProcess, images: n
     reply = ce_http.from_structured_event(ce_http.HTTPMessage(headers, response.content))
     assert reply.get_type() == "dev.onnxfn.digits.result"
     assert len(reply.get_data()["probabilities"]) == 10
+
+
+@pytest.mark.timeout(600)  # the first run makes KServe's venv (pip)
+def test_kserve_client_default_path(digits: FunctionProcess, images: np.ndarray, model_dir: Path) -> None:
+    """KServe's InferenceRESTClient (v2, binary tensors) from KServe's own venv (made on first use)."""
+    import io
+    import json
+    import subprocess
+
+    from shared.bench.peer_systems import ensure_venv
+
+    bin_dir = ensure_venv("kserve")
+    script = Path(__file__).parent / "fixtures" / "kserve_client_check.py"
+    payload = io.BytesIO()
+    np.save(payload, images)
+    done = subprocess.run(
+        [str(bin_dir / "python"), str(script), digits.url, "digits"],
+        input=payload.getvalue(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    answer = json.loads(done.stdout)
+    assert answer["live"] and answer["ready"] and answer["model_ready"] and answer["id"] == "k-1"
+    assert np.allclose(answer["probabilities"], expected(model_dir, images), atol=1e-6)
