@@ -129,3 +129,22 @@ def test_kserve_client_default_path(digits: FunctionProcess, images: np.ndarray,
     answer = json.loads(done.stdout)
     assert answer["live"] and answer["ready"] and answer["model_ready"] and answer["id"] == "k-1"
     assert np.allclose(answer["probabilities"], expected(model_dir, images), atol=1e-6)
+
+
+@pytest.mark.timeout(600)  # the first run makes KServe's venv (pip), which holds the SDK 1.x
+def test_sdk_1x_structured_event_with_bytes_data(digits: FunctionProcess, images: np.ndarray) -> None:
+    import json
+    import subprocess
+
+    from shared.bench.peer_systems import ensure_venv
+
+    bin_dir = ensure_venv("kserve")
+    script = Path(__file__).parent / "fixtures" / "cloudevents1_check.py"
+    image = json.dumps([int(v) for v in images[0].reshape(-1)])
+    done = subprocess.run(
+        [str(bin_dir / "python"), str(script), digits.url, image], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    answer = json.loads(done.stdout)
+    assert answer["status"] == 200 and answer["type"] == "dev.onnxfn.digits.result"
+    assert len(answer["data"]["probabilities"]) == 10
