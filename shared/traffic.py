@@ -238,7 +238,11 @@ def update_file(path: Path, splits: Sequence[str], tags: Sequence[str], untags: 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("service", help="Service name (edits <dir>/service-<name>.yaml)")
+    parser.add_argument(
+        "service",
+        help="Service name (edits <dir>/service-<name>.yaml and its CPU variant <dir>/cpu/..., which"
+        " the embedded platform serves; revision names map between the variants: digits-v2 <-> digits-v2-cpu)",
+    )
     parser.add_argument(
         "splits", nargs="*", metavar="REF=PERCENT", help="like kn --traffic (REF: revision, tag, @latest)"
     )
@@ -251,19 +255,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the new file instead of writing it")
 
 
+CPU_SUFFIX = "-cpu"
+
+
+def variant_files(directory: Path, service: str) -> list[Path]:
+    """Every variant's Service file: `<dir>/service-<name>.yaml` and, when rendered, `<dir>/cpu/...`
+    (the one the embedded platform serves)."""
+    paths = [service_file(directory, service), service_file(directory / "cpu", service)]
+    return [path for path in paths if path.exists()]
+
+
+def for_variant(ref: str, service: str, cpu: bool) -> str:
+    """A revision name in the variant's own form (`digits-v2` <-> `digits-v2-cpu`); tags, @latest as given."""
+    name, sep, rest = ref.partition("=")
+    base = name.removesuffix(CPU_SUFFIX)
+    if not re.fullmatch(rf"{re.escape(service)}-v[0-9A-Za-z.-]+", base):
+        return ref
+    return (base + CPU_SUFFIX if cpu else base) + sep + rest
+
+
 def run(args: argparse.Namespace) -> int:
-    path = service_file(args.dir, args.service)
-    if not path.exists():
-        print(f"onnxfn traffic: no file {path}", file=sys.stderr)
+    paths = variant_files(args.dir, args.service)
+    if not paths:
+        print(f"onnxfn traffic: no file {service_file(args.dir, args.service)}", file=sys.stderr)
         return 2
-    try:
-        text = update_file(path, [*args.splits, *args.traffic], args.tag, args.untag)
-    except (TrafficError, ValueError) as exc:
-        print(f"onnxfn traffic: {exc}", file=sys.stderr)
-        return 1
-    if args.dry_run:
-        sys.stdout.write(text)
-    else:
-        path.write_text(text)
-        print(f"updated {path}")
+    texts = {}
+    for path in paths:
+        cpu = path.parent.name == "cpu"
+        splits = [for_variant(r, args.service, cpu) for r in [*args.splits, *args.traffic]]
+        tags = [for_variant(r, args.service, cpu) for r in args.tag]
+        try:
+            texts[path] = update_file(path, splits, tags, args.untag)
+        except (TrafficError, ValueError) as exc:
+            print(f"onnxfn traffic: {path}: {exc}", file=sys.stderr)
+            return 1
+    for path, text in texts.items():
+        if args.dry_run:
+            sys.stdout.write(f"---\n# {path}\n{text}")
+        else:
+            path.write_text(text)
+            print(f"updated {path}")
     return 0

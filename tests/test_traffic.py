@@ -189,7 +189,12 @@ def test_cli_accepts_positional_and_kn_spelled_splits(tmp_path: Path, capsys: py
     capsys.readouterr()
     argv = ["traffic", "digits", "current=90", "--traffic", "@latest=10", "--dry-run", "--dir", str(tmp_path)]
     assert main(argv) == 0
-    assert yaml.safe_load(capsys.readouterr().out)["spec"]["traffic"] == [
+    gpu, cpu = (doc["spec"]["traffic"] for doc in yaml.safe_load_all(capsys.readouterr().out))
+    assert gpu == [
         {"tag": "current", "revisionName": "digits-v1", "latestRevision": False, "percent": 90},
+        {"tag": "latest", "latestRevision": True, "percent": 10},
+    ]
+    assert cpu == [  # the CPU variant (what the embedded platform serves) changes with it
+        {"tag": "current", "revisionName": "digits-v1-cpu", "latestRevision": False, "percent": 90},
         {"tag": "latest", "latestRevision": True, "percent": 10},
     ]

@@ -59,15 +59,20 @@ class Delivery:
     dead_letter: Destination | None = None
 
     def merged_over(self, base: Delivery | None) -> Delivery:
-        """This (a Trigger's) spec field by field over `base` (its Broker's)."""
+        """This (a Trigger's) spec field by field over `base` (its Broker's): a field the Trigger
+        sets wins, zero included (`retry: 0` means no retry, not the Broker's)."""
         if base is None:
             return self
+
+        def pick(own: Any, inherited: Any) -> Any:
+            return own if own is not None else inherited
+
         return Delivery(
-            retry=self.retry or base.retry,
-            backoff_policy=self.backoff_policy or base.backoff_policy,
-            backoff_delay_s=self.backoff_delay_s or base.backoff_delay_s,
-            timeout_s=self.timeout_s or base.timeout_s,
-            dead_letter=self.dead_letter or base.dead_letter,
+            retry=pick(self.retry, base.retry),
+            backoff_policy=pick(self.backoff_policy, base.backoff_policy),
+            backoff_delay_s=pick(self.backoff_delay_s, base.backoff_delay_s),
+            timeout_s=pick(self.timeout_s, base.timeout_s),
+            dead_letter=pick(self.dead_letter, base.dead_letter),
         )
 
     def delay_s(self, retry_number: int) -> float:

@@ -223,3 +223,16 @@ def test_a_failed_batched_request_fails_as_a_whole() -> None:
     headers, body = encode_http("binary", [result_event(requests[0], "t.result", "/f", {}, "1", "r")])
     single = split_batch_reply(requests, 200, {k.lower(): v for k, v in headers.items()}, body)
     assert not single.ok and "no batched reply" in single.error
+
+
+def test_a_triggers_zero_retry_is_not_replaced_by_the_brokers(tmp_path: Path) -> None:
+    from eventing_helpers import spec_yaml, trigger_yaml, write_spec
+
+    zero = trigger_yaml("zero", "  filter: {attributes: {type: t}}", "http://127.0.0.1:1/", delivery="    retry: 0")
+    unset = trigger_yaml("unset", "  filter: {attributes: {type: t}}", "http://127.0.0.1:1/")
+    loaded = spec.load(write_spec(tmp_path / "ev", spec_yaml("ns", [zero, unset])), services=())
+    retries = {t.name: t.delivery.retry for t in loaded.triggers}
+    assert retries == {"zero": 0, "unset": 3}  # the Broker's retry: 3 only where the Trigger sets none
+    assert spec.Delivery(retry=0, backoff_delay_s=0.0).merged_over(spec.Delivery(retry=5, backoff_delay_s=2.0)) == (
+        spec.Delivery(retry=0, backoff_delay_s=0.0)
+    )

@@ -89,3 +89,25 @@ def test_digits_v2_int8_accuracy(model_dir: Path) -> None:
     report = compare_versions(model_dir, seconds=0.05)
     assert report["2"]["accuracy"] >= MIN_INT8_ACCURACY
     assert report["1"]["accuracy"] >= MIN_INT8_ACCURACY
+
+
+def test_the_traffic_command_takes_effect_on_a_running_platform(
+    make_platform: Callable[..., Platform], knative: Path
+) -> None:
+    """`onnxfn traffic` on the rendered folder (both variants) changes what the platform serves, live."""
+    import argparse
+
+    from shared import render, traffic
+
+    render.run(argparse.Namespace(out=knative, image=render.IMAGE, check=False))
+    platform = make_platform()
+    client = Client(platform.url_for("digits"))
+    assert {client.post() for _ in range(5)} == {(200, "1")}
+    args = argparse.Namespace(
+        service="digits", splits=["digits-v2=100"], traffic=[], tag=["digits-v2=candidate"], untag=[],
+        dir=knative, dry_run=False,
+    )  # fmt: skip
+    assert traffic.run(args) == 0  # names the GPU-form revision; the CPU file gets digits-v2-cpu
+    wait_for(lambda: client.post() == (200, "2") and client.post() == (200, "2"), 30, "v2 serving all traffic")
+    assert {Client(platform.tag_url("digits", "candidate")).post() for _ in range(3)} == {(200, "2")}
+    client.close()
