@@ -31,30 +31,43 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+# An oversized body is read and dropped up to this many times the limit before the 413, so a
+# client that sends it all first (and asked to close the connection after) still reads the answer.
+DRAIN_FACTOR = 16
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes (after
+    dropping the rest of it, up to DRAIN_FACTOR x `limit`; memory stays within the limit)."""
     length = _content_length(scope)
     if length is not None and length > limit:
+        if length <= DRAIN_FACTOR * limit:
+            await _drop(receive, DRAIN_FACTOR * limit)
         raise PayloadTooLarge(f"body of {length} bytes is over the {limit}-byte limit")
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if len(body) > limit:
-        raise PayloadTooLarge(f"body is over the {limit}-byte limit")
-    if not message.get("more_body"):
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        return body
-    chunks, size = [body], len(body)
-    while message.get("more_body"):
+    chunks: list[bytes] = []
+    size = 0
+    while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
+            if message.get("more_body"):
+                await _drop(receive, DRAIN_FACTOR * limit - size)
             raise PayloadTooLarge(f"body is over the {limit}-byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _drop(receive: Receive, budget: int) -> None:
+    """Read and discard the rest of a body, at most `budget` bytes."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body"):
+            return
+        budget -= len(message.get("body", b""))
 
 
 def header_value(scope: Scope, name: bytes) -> str | None:

@@ -76,27 +76,5 @@ class InferenceFailed(FunctionError):
     status = 500
 
 
-# The one table: error class -> HTTP status. Anything not a FunctionError is a 500.
-ERROR_STATUS: dict[type[FunctionError], int] = {
-    cls: cls.status
-    for cls in (
-        InvalidEvent,
-        UnknownEventType,
-        InvalidInput,
-        PayloadTooLarge,
-        QueueFull,
-        ModelNotReady,
-        InferenceFailed,
-    )
-}
-
 # Status codes Knative's Kafka broker retries (everything else 4xx is dead-lettered).
 RETRYABLE_STATUS = frozenset({404, 408, 409, 429}) | frozenset(range(500, 600))
-
-
-def status_of(error: BaseException) -> int:
-    """HTTP status for an error, from the table."""
-    for cls in type(error).__mro__:
-        if cls in ERROR_STATUS:
-            return ERROR_STATUS[cls]
-    return 500

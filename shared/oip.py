@@ -79,7 +79,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """(JSON part, binary part) of a request body, per `Inference-Header-Content-Length`."""
     if header_length is None:
         return body, b""
-    if not header_length.isdigit() or int(header_length) > len(body):
+    if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
         raise InvalidInput([f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body"])
     size = int(header_length)
     return body[:size], body[size:]

@@ -107,3 +107,12 @@ def test_the_activator_parser_answers_or_refuses_never_crashes(line: bytes, head
                 return
 
     asyncio.run(asyncio.wait_for(main(), 5))
+
+
+@SETTINGS
+@given(value=st.text(max_size=12))
+def test_retry_after_never_raises(value: str) -> None:
+    from shared.eventing.delivery import retry_after_s
+
+    seconds = retry_after_s(value, now=0.0)
+    assert seconds is None or seconds >= 0

@@ -96,3 +96,15 @@ def test_a_repeated_ce_header_is_refused(digits: FunctionProcess) -> None:
     answer = exchange(digits, EVENT_HEAD + b"ce-id: e2\r\ncontent-length: %d\r\n\r\n" % len(IMAGE) + IMAGE)
     assert status_of(answer) == 400
     assert b"more than once" in answer
+
+
+def test_a_client_that_closes_after_each_request_still_reads_the_413(digits: FunctionProcess) -> None:
+    import urllib.error
+    import urllib.request
+
+    headers = {"ce-specversion": "1.0", "ce-id": "big", "ce-source": "/t", "ce-type": "dev.onnxfn.digits.request"}
+    request = urllib.request.Request(digits.url, data=b"1" * 800_000, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:  # urllib sends Connection: close
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert healthy(digits)

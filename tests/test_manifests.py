@@ -6,10 +6,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import knative_crds as crds
 import pytest
 import yaml
 
-from shared import crds, render
+from shared import render
 from shared.config import PROJECT_ROOT
 from shared.contract import function_names, load_handler
 from shared.traffic import check_traffic
