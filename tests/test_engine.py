@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 import requests
+from metrics_helpers import scrape
 
 from shared.bench.loadgen import run_load
 from shared.process import FunctionProcess
@@ -31,15 +32,6 @@ def digits_headers() -> dict[str, str]:
         "ce-type": "dev.onnxfn.digits.request",
         "Content-Type": "application/json",
     }
-
-
-def scrape(url: str) -> dict[str, float]:
-    samples: dict[str, float] = {}
-    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def readiness(url: str) -> tuple[int, dict[str, object]]:

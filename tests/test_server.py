@@ -17,6 +17,7 @@ import pytest
 import requests
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.v1.event import CloudEvent
+from metrics_helpers import scrape
 
 from shared.bench.loadgen import run_load
 from shared.process import FunctionProcess
@@ -292,15 +293,6 @@ def requests_status(url: str) -> int:
 
 
 # -- batching, metrics, shutdown ---------------------------------------------------------------------
-
-
-def scrape(url: str) -> dict[str, float]:
-    samples: dict[str, float] = {}
-    for line in requests.get(url + "/metrics", timeout=5).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def test_concurrent_requests_are_batched_and_metrics_add_up_across_workers(
