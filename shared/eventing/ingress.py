@@ -131,6 +131,10 @@ class IngressServer:
         asyncio.run(self._server.serve(sockets=[self._socket]))
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def url(self) -> str:
         host, port = self._socket.getsockname()[:2]
         return f"http://{host!s}:{port}"

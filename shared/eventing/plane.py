@@ -214,6 +214,19 @@ class EventPlane:
             out.append(dispatcher)
         return out
 
+    def problems(self) -> list[str]:
+        """Components that stopped while the plane runs (a consumer thread that died, the ingress)."""
+        if self.stopping.is_set():
+            return []
+        found = []
+        for dispatcher in self.dispatchers:
+            failed = getattr(dispatcher, "failed", None)
+            if failed is not None or not dispatcher._thread.is_alive():
+                found.append(f"{dispatcher.name} stopped ({failed!r})" if failed else f"{dispatcher.name} stopped")
+        if self.ingress is not None and not self.ingress.alive:
+            found.append("the broker ingress stopped")
+        return found
+
     def stop(self) -> None:
         """Stop consuming, let in-flight deliveries settle briefly, commit, flush, close."""
         self.stopping.set()

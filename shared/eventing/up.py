@@ -220,6 +220,19 @@ class ResultPrinter:
         self.thread.join(timeout=5)
 
 
+HEALTH_INTERVAL_S = 1.0
+
+
+def _process_problems(broker: Any, platform: Any) -> list[str]:
+    """The embedded broker or the platform process, if one has exited."""
+    found = []
+    if broker is not None and broker.process is not None and broker.process.poll() is not None:
+        found.append(f"the embedded broker exited with code {broker.process.returncode}")
+    if platform is not None and platform.proc.poll() is not None:
+        found.append(f"the platform process exited with code {platform.proc.returncode}")
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     import gc
     import logging
@@ -242,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     broker = None
+    exit_code = 0
     platform: PlatformProcess | None = None
     watcher = None
     plane = None
@@ -286,7 +300,12 @@ def run(args: argparse.Namespace) -> int:
             writer.close()
             del target, writer  # its librdkafka producer goes now, not after the broker
             print(f"published {len(events)} sample events to {inputs[0]}; results follow (Ctrl-C to stop)", flush=True)
-        stop.wait()
+        while not stop.wait(HEALTH_INTERVAL_S):
+            problems = plane.problems() + _process_problems(broker, platform)
+            if problems:
+                print(f"up: {'; '.join(problems)}: stopping everything", file=sys.stderr, flush=True)
+                exit_code = 1
+                break
         print("shutting down ...", flush=True)
     except (RuntimeError, ValueError, OSError) as exc:
         hint = ""
@@ -307,4 +326,4 @@ def run(args: argparse.Namespace) -> int:
             platform.stop()
         if broker is not None:
             broker.stop()
-    return 0
+    return exit_code

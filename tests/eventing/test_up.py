@@ -150,3 +150,33 @@ def test_scale_watcher_reports_each_cold_start_once_and_the_return_to_zero() -> 
     assert watcher.poll() == ["digits-v1 scaled to zero (idle 2 s)"]
     again = _status(0, 200.0)["services"][0]["revisions"][0]["last_cold_start"]
     assert watcher.poll() == [cold_start_line("digits-v1", again), "digits-v1 scaled to zero (idle 2 s)"]
+
+
+def test_up_reports_a_broker_that_dies_and_exits_1(tmp_path: Path) -> None:
+    """A component that dies is seen: kill the embedded broker and `up` says so and stops (exit 1)."""
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    urls = [
+        arg for name in ("digits", "embed", "postprocess") for arg in ("--function-url", f"{name}=http://127.0.0.1:9/")
+    ]
+    argv = ["up", "--samples", "0", "--no-functions", "--quiet", "--ingress-port", "0", *urls]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out = Output(process)
+        out.wait_for(r"^READY$", 40)
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        (broker,) = [int(p) for p in children if b"--listener-url" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        os.kill(broker, signal.SIGKILL)
+        assert process.wait(timeout=30) == 1
+        out.wait_for(r"the embedded broker exited with code -9: stopping everything", 5)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
