@@ -4,7 +4,7 @@
   `probabilities` float32 [n, 10]; a 64-128-10 MLP trained with scikit-learn (~0.01 ms a row),
   written with onnx.helper from its weights.
 - `cnn.onnx`: a compute-bound model: input `x` float32 [n, 3, 64, 64] -> `probabilities` [n, 10];
-  a five-layer conv net (~10 ms a row on one core) with weights from a fixed seed: it stands for
+  an eight-conv net (~6 ms a row on one core here) with weights from a fixed seed: it stands for
   a user's image model, so its cost is what matters, not its accuracy.
 
 Both are built once into `models/bench/` (a cache; `--force` rebuilds).
