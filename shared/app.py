@@ -59,7 +59,6 @@ class HotPaths:
         self.max_body_bytes = max_body_bytes
         self.metrics = pipeline.metrics
         self.name = pipeline.config.name
-        self.versions = {pipeline.model_version}  # this server serves one version of the model
 
     async def cloudevents(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -88,7 +87,7 @@ class HotPaths:
         started = time.perf_counter()
         with self.pipeline.request():
             try:
-                if model != self.name or (version is not None and version not in self.versions):
+                if model != self.name or version not in (None, self.pipeline.model_version):  # one version here
                     status, headers, payload = 404, [(b"content-type", JSON)], self._unknown(model, version)
                 else:
                     body = await read_body(scope, receive, self.max_body_bytes)
@@ -178,15 +177,13 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
         _known(model, model_version)
         return readiness()
 
-    versions = {version}  # this server serves one version of the model
-
     def _known(model: str, model_version: str | None = None) -> None:
         from werkzeug.exceptions import NotFound
 
         if model != name:
             raise NotFound(f"no model {model!r} here (this function serves {name!r})")
-        if model_version is not None and model_version not in versions:
-            raise NotFound(f"no version {model_version!r} of {name!r} here (versions: {', '.join(sorted(versions))})")
+        if model_version not in (None, version):  # this server serves one version of the model
+            raise NotFound(f"no version {model_version!r} of {name!r} here (it serves version {version!r})")
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -162,12 +162,11 @@ class DynamicBatcher:
             offset = 0
             for item in items:
                 stop = offset + item.rows
-                if item.future.done():  # the request went away (client disconnected)
-                    pass
-                elif isinstance(outcome, BaseException):
-                    item.future.set_exception(outcome)
-                else:
-                    item.future.set_result({name: value[offset:stop] for name, value in outcome.items()})
+                if not item.future.done():  # done: the request went away (client disconnected)
+                    if isinstance(outcome, BaseException):
+                        item.future.set_exception(outcome)
+                    else:
+                        item.future.set_result({name: value[offset:stop] for name, value in outcome.items()})
                 offset = stop
             if self._observe is not None:
                 self._observe(sum(i.rows for i in items), [started - i.t_enqueued for i in items], finished - started)

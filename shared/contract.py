@@ -4,6 +4,7 @@ A function folder holds model-specific code only. Its `new()` returns a small ha
 
     config          FunctionConfig: event types, model file and version, batching and serving limits
     setup(dir)      optional: load side files (a tokenizer) from the model directory, once per process
+    bind_model(m)   optional: the loaded model's tensor specs (`m.inputs`, `m.outputs`), before warm-up
     preprocess(d)   event data -> model inputs for ONE item (arrays with a leading batch axis of 1);
                     raises InvalidInput listing every problem at once
     postprocess(o, d)  model outputs for ONE item (batch axis removed) and the request data -> result
@@ -146,3 +147,10 @@ def setup_handler(handler: Handler, model_dir: Path) -> None:
     setup = getattr(handler, "setup", None)
     if setup is not None:
         setup(model_dir)
+
+
+def bind_model(handler: Handler, model: Any) -> None:
+    """Call the handler's optional `bind_model(model)` with the loaded model (or the engine's specs)."""
+    bind = getattr(handler, "bind_model", None)
+    if bind is not None:
+        bind(model)

@@ -53,7 +53,7 @@ class EngineServer:
 
     def __init__(self, settings: Settings) -> None:
         from shared.batcher import DynamicBatcher
-        from shared.contract import load_handler, setup_handler
+        from shared.contract import bind_model, load_handler, setup_handler
         from shared.metrics import Metrics
         from shared.model import OnnxModel
         from shared.pipeline import Layout
@@ -73,9 +73,7 @@ class EngineServer:
             spinning=bool(settings.intra_op_spinning),
             cache_dir=settings.cache_dir,
         )
-        bind = getattr(handler, "bind_model", None)
-        if bind is not None:
-            bind(self.model)
+        bind_model(handler, self.model)
         loaded = time.perf_counter()
         self.model.run(handler.preprocess(handler.example()))
         self.hello = orjson.dumps(

@@ -20,7 +20,7 @@ import numpy as np
 
 from shared.batcher import DynamicBatcher, Feeds
 from shared.config import Settings, available_cores
-from shared.contract import FunctionConfig, Handler, Result, setup_handler
+from shared.contract import FunctionConfig, Handler, Result, bind_model, setup_handler
 from shared.engine import EngineClient
 from shared.errors import (
     FunctionError,
@@ -160,9 +160,7 @@ class Pipeline:
                 if not set_up:
                     setup_handler(self.handler, self.settings.model_dir)
                     set_up = True
-                bind = getattr(self.handler, "bind_model", None)
-                if bind is not None:
-                    bind(client)
+                bind_model(self.handler, client)
                 example = self.handler.example()
                 outputs = await client.submit(self.handler.preprocess(example))
                 self.handler.postprocess({k: v[0] for k, v in outputs.items()}, example)
@@ -201,9 +199,7 @@ class Pipeline:
                     spinning=self.layout.spinning,
                     cache_dir=self.settings.cache_dir,
                 )
-                bind = getattr(self.handler, "bind_model", None)
-                if bind is not None:
-                    bind(model)
+                bind_model(self.handler, model)
             t1 = time.perf_counter()
             run_s = self._warm_up(model)
             if model is not None:

@@ -18,7 +18,9 @@ from typing import Any
 
 import httptools
 
-MAX_HEAD = 64 * 1024
+from shared.http_protocol import MAX_HEAD_BYTES
+
+MAX_HEAD = MAX_HEAD_BYTES  # the function server's cap, one rule for both
 MAX_BODY = 16 * 1024 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 READ_SIZE = 65536
@@ -159,6 +161,7 @@ class RequestReader:
         self.parser = httptools.HttpRequestParser(self.collector)
         self.collector.parser = self.parser
         self._unparsed = False  # bytes of a request head that has not begun a message yet
+        self._head_bytes = 0  # bytes read while the current head is incomplete
 
     def _headers_done(self, message: _Message) -> None:
         length = next((v for n, v in message.headers if n == b"content-length"), None)
@@ -183,6 +186,12 @@ class RequestReader:
             except httptools.HttpParserError as exc:
                 raise _cause(exc) from None
             self._unparsed = not self.collector.in_message and not self.collector.done and bool(data.strip())
+            current = self.collector.current
+            in_head = self._unparsed or (self.collector.in_message and not current.headers_done)
+            # Counted as read (a head that never ends holds memory in the parser): bounded by cap + one read.
+            self._head_bytes = self._head_bytes + len(data) if in_head else 0
+            if self._head_bytes > MAX_HEAD:
+                raise BadRequest(f"request head over {MAX_HEAD} bytes", 431)
         return self._request(self.collector.done.popleft())
 
     def _request(self, message: _Message) -> Request:

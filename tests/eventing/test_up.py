@@ -57,6 +57,20 @@ class Output:
         raise AssertionError(f"no line matching {pattern!r} in {timeout_s:.0f} s; output:\n" + "\n".join(self.lines))
 
 
+def start_up(argv: list[str]) -> subprocess.Popen[str]:
+    """`onnxfn ARGV` in its own session, on its own embedded broker, output merged into stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+
+
 def onnxfn(*argv: str, timeout_s: float = 20.0) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT
@@ -68,18 +82,9 @@ def onnxfn(*argv: str, timeout_s: float = 20.0) -> str:
 def test_up_serves_the_samples_through_cold_starts_then_scales_to_zero_and_stops_on_sigterm(tmp_path: Path) -> None:
     if not (ROOT / "models" / "digits").is_dir():
         pytest.skip("no digits model: run `make models`")
-    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}  # its own embedded broker
     argv = ["up", "--samples", "5", "--idle-window", str(IDLE_WINDOW_S), "--ingress-port", "0"]
     argv += ["--state-file", str(tmp_path / "platform.json")]  # not the default one a running `make run` uses
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
+    process = start_up(argv)
     try:
         out = Output(process)
         out.wait_for(r"^READY$", 40)
@@ -154,20 +159,11 @@ def test_scale_watcher_reports_each_cold_start_once_and_the_return_to_zero() -> 
 
 def test_up_reports_a_broker_that_dies_and_exits_1(tmp_path: Path) -> None:
     """A component that dies is seen: kill the embedded broker and `up` says so and stops (exit 1)."""
-    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     urls = [
         arg for name in ("digits", "embed", "postprocess") for arg in ("--function-url", f"{name}=http://127.0.0.1:9/")
     ]
     argv = ["up", "--samples", "0", "--no-functions", "--quiet", "--ingress-port", "0", *urls]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
+    process = start_up(argv)
     try:
         out = Output(process)
         out.wait_for(r"^READY$", 40)

@@ -74,6 +74,7 @@ def test_a_chunked_request_is_forwarded_whole_without_hop_by_hop_headers() -> No
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +2\r\n\r\nab", 400),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Endless: " + b"a" * 140_000, 431),  # never ends, read in parts
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2000\r\n\r\n", 413),
         (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"400\r\n" + b"a" * 1024 + b"\r\n", 413),
         (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc", 400),  # closed inside the body
@@ -84,6 +85,7 @@ def test_a_chunked_request_is_forwarded_whole_without_hop_by_hop_headers() -> No
         "signed-length",
         "length-and-chunked",
         "big-head",
+        "endless-head",
         "long",
         "long-chunked",
         "cut",
