@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models run test lint typecheck pytest hey bench bench-functions bench-events bench-platform clean
+.PHONY: setup models run test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench-events: models
 
 bench-platform: models
 	$(BIN)/onnxfn platform-bench
+
+# Build the base stand-in and both image targets with buildah, run the cpu image read-only as
+# UID 10001 with podman (needs root and minutes; not part of `make test`). docs/operations.md.
+image-check: setup
+	PYTHON=$(BIN)/python scripts/image-check.sh
 
 clean:
 	rm -rf $(VENV) models .bench .mypy_cache .ruff_cache .pytest_cache

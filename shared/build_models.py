@@ -77,14 +77,19 @@ def _summary(metadata: dict[str, Any]) -> str:
     return "".join(f", {key.replace('_', ' ')} {value:.4f}" for key, value in metrics.items())
 
 
-def build_one(model_dir: Path, name: str) -> dict[str, Any]:
-    """Build function `name`'s model now (no cache check); print a progress line; return metadata."""
+def build_module(name: str) -> Any:
+    """`functions/<name>/build.py` (its `build(model_dir)` makes the model); ValueError when absent."""
     try:
-        module = importlib.import_module(f"functions.{name}.build")
+        return importlib.import_module(f"functions.{name}.build")
     except ModuleNotFoundError as exc:
         if exc.name != f"functions.{name}.build":
             raise
         raise ValueError(f"function {name!r} has a model but no functions/{name}/build.py") from None
+
+
+def build_one(model_dir: Path, name: str) -> dict[str, Any]:
+    """Build function `name`'s model now (no cache check); print a progress line; return metadata."""
+    module = build_module(name)
     print(f"building {name} model ...", end=" ", flush=True)
     started = time.perf_counter()
     metadata: dict[str, Any] = module.build(model_dir)

@@ -10,6 +10,8 @@ A function folder holds model-specific code only. Its `new()` returns a small ha
     postprocess(o, d)  model outputs for ONE item (batch axis removed) and the request data -> result
                     data, or a Result when the function picks its result type per event
     example()       request data used for warm-up and benchmarks
+    samples(n)      optional: up to n (request data, extension attributes) pairs for `onnxfn up`'s
+                    sample stream and the event benchmarks; default: the example, n times
 
 Everything else (ONNX run, batching, wire formats, errors, health, metrics) lives in `shared/`.
 """
@@ -154,3 +156,12 @@ def bind_model(handler: Handler, model: Any) -> None:
     bind = getattr(handler, "bind_model", None)
     if bind is not None:
         bind(model)
+
+
+def samples(handler: Handler, count: int) -> list[tuple[Any, dict[str, str]]]:
+    """The handler's optional `samples(count)`: (request data, extension attributes) pairs; else its
+    `example()` `count` times."""
+    own = getattr(handler, "samples", None)
+    if own is not None:
+        return [(data, dict(attributes)) for data, attributes in own(count)][:count]
+    return [(handler.example(), {}) for _ in range(count)]

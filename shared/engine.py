@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from shared import tensor_frames as frames
 from shared.config import Settings
 from shared.errors import FunctionError, InferenceFailed, ModelNotReady, QueueFull
 from shared.model import TensorSpec, check_feeds
+from shared.supervisor import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class EngineSupervisor:
     def __init__(self, socket_path: Path, env: dict[str, str]) -> None:
         self.socket_path = socket_path
         self.env = {**env, "ONNXFN_ENGINE_SOCKET": str(socket_path)}
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None
         self.restarts = 0
         self._stopping = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="onnxfn-engine-watch", daemon=True)
@@ -279,25 +279,25 @@ class EngineSupervisor:
         self._watcher.start()
 
     def _spawn(self) -> None:
-        # Its own session: a terminal's Ctrl-C or a group signal must not stop the engine while the
-        # workers drain; the supervisor stops it last, and the kernel sends it SIGTERM if the
-        # master dies first.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shared.engine"], env=self.env, start_new_session=True, preexec_fn=_die_with_parent
-        )
+        # Its own session (ChildProcess): a terminal's Ctrl-C or a group signal must not stop the
+        # engine while the workers drain; the supervisor stops it last, and the kernel sends it
+        # SIGTERM if the master dies first.
+        argv = [sys.executable, "-m", "shared.engine"]
+        self.child = ChildProcess("inference engine", argv, env=self.env, preexec_fn=_die_with_parent).start()
 
     def _watch(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
-            assert self.proc is not None
+            assert self.child is not None
             started = time.monotonic()
-            code = self.proc.wait()
+            code = self.child.wait()
             if self._stopping.is_set():
                 return
             self.socket_path.unlink(missing_ok=True)
             self.restarts += 1
             delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
-            log.error("inference engine (pid %d) exited with code %s: restarting in %.1f s", self.proc.pid, code, delay)
+            pid = self.child.pid
+            log.error("inference engine (pid %d) exited with code %s: restarting in %.1f s", pid, code, delay)
             if self._stopping.wait(delay):
                 return
             self._spawn()
@@ -305,17 +305,11 @@ class EngineSupervisor:
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the engine finishes its runs), SIGKILL after `timeout`; returns its exit code."""
         self._stopping.set()
-        if self.proc is None:
+        if self.child is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = self.child.stop(timeout)
         self.socket_path.unlink(missing_ok=True)
-        return self.proc.returncode
+        return code
 
 
 if __name__ == "__main__":

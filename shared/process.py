@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO
 
 from shared.config import PROJECT_ROOT
+from shared.supervisor import ChildProcess
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -52,29 +50,21 @@ class FunctionProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         full_env = {**os.environ, "PORT": str(self.port), "ONNXFN_HOST": "127.0.0.1", **(env or {})}
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self._log: IO[bytes] | None = open(log, "wb") if log else None  # noqa: SIM115
         argv = command or [sys.executable, "-m", "shared.cli", "serve", function]
-        self.started_at = time.time()
-        self.proc = subprocess.Popen(
-            argv,
-            env=full_env,
-            stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd=PROJECT_ROOT,
-        )
+        self.child = ChildProcess(function, argv, env=full_env, log=log, cwd=PROJECT_ROOT).start()
+        self.started_at = self.child.started_at
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        assert self.child.popen is not None
+        return self.child.popen
+
+    def ready(self, path: str = "/health/readiness") -> bool:
+        return http_get(self.url + path, timeout=1.0)[0] == 200
 
     def wait_ready(self, timeout: float = 60.0, path: str = "/health/readiness") -> None:
         """Block until readiness answers 200; raises with the reason if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.function} exited with code {self.proc.returncode} before ready")
-            status, _ = http_get(self.url + path, timeout=1.0)
-            if status == 200:
-                return
-            time.sleep(0.02)
-        raise TimeoutError(f"{self.function} not ready within {timeout:.0f} s")
+        self.child.wait_until(lambda: self.ready(path), timeout)
 
     def worker_pids(self) -> list[int]:
         """PIDs of gunicorn's worker processes (children of the master, the shared engine aside)."""
@@ -86,16 +76,9 @@ class FunctionProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait for a graceful exit (SIGKILL after `timeout`); returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if self._log:
-            self._log.close()
-        return self.proc.returncode
+        code = self.child.stop(timeout)
+        assert code is not None
+        return code
 
     def __enter__(self) -> FunctionProcess:
         return self

@@ -16,7 +16,6 @@ Layout (one image for every function; `ONNXFN_FUNCTION` picks the function):
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from shared import service_files
+from shared.service_files import AUTOSCALING, DNS_LABEL, KNATIVE_DIR
+
 if TYPE_CHECKING:
     from shared.contract import FunctionConfig
 
@@ -32,16 +34,13 @@ if TYPE_CHECKING:
 CONTAINER_COMMAND: list[str] = ["onnxfn", "serve"]
 IMAGE = "ghcr.io/onnxfn/onnxfn"
 USER_PORT = 8080
-KNATIVE_DIR = Path(__file__).resolve().parent.parent / "knative"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
-# queue-proxy's preStop drain (knative.md 1.3) and the slack left for the process to exit after it.
+# queue-proxy's preStop drain (Knative runtime contract) and the slack left for the process to exit after it.
 DRAIN_S = 30
 EXIT_MARGIN_S = 10
 MAX_REVISION_TIMEOUT_S = 600
-AUTOSCALING = "autoscaling.knative.dev/"
-DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -310,7 +309,7 @@ def func_yaml(config: FunctionConfig, image: str = IMAGE) -> str:
     """A Knative Functions `func.yaml` for one function: the CPU variant, the one func can express.
 
     func.yaml has no key for GPU limits, nodeSelector, tolerations or timeoutSeconds, and `func
-    deploy` rewrites resources and annotations on every deploy (knative.md 5.2, 5.3): GPU Services
+    deploy` rewrites resources and annotations on every deploy: GPU Services
     are applied from knative/ with kubectl instead. Autoscaling goes in `deploy.options.scale`, never
     in `deploy.annotations` (which func copies onto the Service metadata, where Serving rejects it).
     """
@@ -391,11 +390,13 @@ def variants(config: FunctionConfig) -> list[tuple[str, Variant, Variant]]:
 
 
 def _committed_traffic(path: Path) -> list[dict[str, Any]] | None:
+    """The `spec.traffic` of the Service already committed at `path` (kept across renders)."""
     if not path.exists():
         return None
-    doc = yaml.safe_load(path.read_text())
-    traffic = doc.get("spec", {}).get("traffic") if isinstance(doc, dict) else None
-    return traffic if isinstance(traffic, list) else None
+    for file in service_files.read_file(path):
+        traffic = file.document["spec"].get("traffic")
+        return traffic if isinstance(traffic, list) else None
+    return None
 
 
 def render_all(

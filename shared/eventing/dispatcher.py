@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.offsets import OffsetTracker, TopicPartitionKey
+from shared.health import Health, of_thread
 
 log = logging.getLogger(__name__)
 Finish = Callable[[], None]
@@ -39,6 +40,10 @@ def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
     return [first, *consumer.consume(num_messages=batch, timeout=0)]
 
 
+class HandlerFailed(RuntimeError):
+    """A record's handler raised: the consumer stops rather than stall on a record never final."""
+
+
 class Lane:
     """The records of one consumer group: `accept` in consumption order, `handle(message, finish)`
     for each, the offsets tracked until final. Ordered: one record in flight per partition."""
@@ -52,6 +57,14 @@ class Lane:
         self._waiting: dict[TopicPartitionKey, deque[Any]] = {}
         self._busy: set[TopicPartitionKey] = set()
         self.closed = False
+        # A handler that raised: its record is neither delivered nor final, so the consumer that owns
+        # this lane stops (`check`) and its supervisor starts it again from the committed offsets.
+        self.failure: BaseException | None = None
+
+    def check(self) -> None:
+        """Raise HandlerFailed if a handler raised (called on the consumer thread)."""
+        if self.failure is not None:
+            raise HandlerFailed(f"{self.name}: handler raised {type(self.failure).__name__}: {self.failure}")
 
     def close(self) -> None:
         """Start nothing more: records still queued behind an ordered partition are left (not final)."""
@@ -90,8 +103,9 @@ class Lane:
 
             try:
                 self.handle(message, finish)
-            except Exception:
-                log.exception("%s: handler failed on %s[%d]@%d; left uncommitted", self.name, *tp, offset)
+            except Exception as exc:
+                log.exception("%s: handler failed on %s[%d]@%d; stopping its consumer", self.name, *tp, offset)
+                self.failure = self.failure or exc
             with lock:
                 state["inline"] = False
                 go_on = state["finished"]
@@ -158,6 +172,10 @@ class Dispatcher:
     def start(self) -> None:
         self._thread.start()
 
+    def health(self) -> list[Health]:
+        """Ready once it has partitions; failed when its consumer thread raised or ended."""
+        return [of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed)]
+
     def stop(self, drain_s: float = 5.0) -> None:
         """Stop consuming, give in-flight records `drain_s` to finish, commit, leave the group."""
         self._drain_s = drain_s
@@ -207,6 +225,7 @@ class Dispatcher:
                             log.warning("%s: consumer error: %s", self.name, error.str())
                         continue
                     self.lane.accept(message)
+                self.lane.check()
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     self._commit(consumer, self.tracker.commit_points())

@@ -34,6 +34,7 @@ from typing import Any
 
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.dispatcher import COMMIT_INTERVAL_S, Dispatcher, Handler, Lane, take
+from shared.health import Health, of_thread
 
 log = logging.getLogger(__name__)
 OFFSET_RESETS = ("earliest", "latest")
@@ -95,6 +96,11 @@ class SharedReader:
 
     def start(self) -> None:
         self._thread.start()
+
+    def health(self) -> list[Health]:
+        """Its own state, then that of each member that was detached onto a dispatcher of its own."""
+        own = of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed)
+        return [own, *(h for m in self.members if m.dedicated is not None for h in m.dedicated.health())]
 
     def stop(self, drain_s: float = 5.0) -> None:
         """Stop reading, give in-flight records `drain_s` to finish, commit; stop detached members."""
@@ -230,6 +236,8 @@ class SharedReader:
             last_commit = time.monotonic()
             while not self._stop.is_set():
                 self._dispatch(take(consumer, 0.05))
+                for member in self.members:
+                    member.lane.check()
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL_S:
                     for member in self.active:

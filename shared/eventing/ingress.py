@@ -4,7 +4,8 @@ The event is written to the broker topic in Kafka binary mode, keyed by `partiti
 answer is 202 only once Kafka has acknowledged the write. 400: not a valid CloudEvent (or a batch,
 or a framing error); 404: no such broker; 405: not a POST (JSON, for every other method); 413:
 body over the limit, known from Content-Length or while a chunked body is read; 431: request head
-over 64 KiB; 503: the write failed or timed out. `GET`/`HEAD /healthz` and `/readyz` answer 200.
+over 64 KiB; 503: the write failed or timed out. `GET`/`HEAD /healthz` and `/readyz` answer 200;
+`GET /health` answers the plane's components (200 when none has failed, else 503).
 
 The server is uvicorn with the function server's capped httptools protocol, on its own event
 loop in a thread: llhttp does the framing (chunked bodies, Content-Length rules), nothing here
@@ -18,7 +19,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 import uvicorn
@@ -27,12 +28,14 @@ from shared.asgi import ClientGone, Receive, Scope, Send, event_headers, read_bo
 from shared.errors import FunctionError
 from shared.eventing.sink import TopicTarget
 from shared.events import decode_http
+from shared.health import Health, of_thread
 from shared.http_protocol import BoundedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1 << 20
 ACK_TIMEOUT_S = 10.0
 JSON = [(b"content-type", b"application/json")]
+HealthSource = Callable[[], list[Health]]
 
 
 def _answer(status: int, message: str = "") -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -42,9 +45,12 @@ def _answer(status: int, message: str = "") -> tuple[int, list[tuple[bytes, byte
 class IngressApp:
     """The ASGI app: one CloudEvent per POST into its broker's topic."""
 
-    def __init__(self, brokers: Mapping[str, TopicTarget], max_body_bytes: int) -> None:
+    def __init__(
+        self, brokers: Mapping[str, TopicTarget], max_body_bytes: int, health: HealthSource | None = None
+    ) -> None:
         self.brokers = dict(brokers)
         self.max_body_bytes = max_body_bytes
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -52,6 +58,10 @@ class IngressApp:
         method, path = scope["method"], scope["path"]
         if method in ("GET", "HEAD") and path in ("/healthz", "/readyz"):
             status, headers, body = _answer(200)
+        elif method in ("GET", "HEAD") and path == "/health":
+            components = self.health() if self.health is not None else []
+            status = 503 if any(c.failed for c in components) else 200
+            headers, body = list(JSON), orjson.dumps({"components": [c.as_dict() for c in components]})
         elif method != "POST":
             status, headers, body = _answer(405, "POST one CloudEvent to /<namespace>/<broker>")
             headers.append((b"allow", b"POST"))
@@ -110,12 +120,13 @@ class IngressServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_body_bytes: int = MAX_BODY_BYTES,
+        health: HealthSource | None = None,
     ):
         self.brokers = dict(brokers)
         self.max_body_bytes = max_body_bytes
         self._socket = socket.create_server((host, port), backlog=1024)
         config = uvicorn.Config(
-            IngressApp(brokers, max_body_bytes),
+            IngressApp(brokers, max_body_bytes, health),
             http=BoundedHttpToolsProtocol,
             loop="asyncio",
             lifespan="off",
@@ -133,6 +144,9 @@ class IngressServer:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def own_health(self) -> Health:
+        return of_thread("broker-ingress", self.alive or self._server.should_exit, self._server.started, None)
 
     @property
     def url(self) -> str:

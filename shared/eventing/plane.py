@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from shared.eventing.broker_process import KafkaConfig, ensure_topics
 from shared.eventing.delivery import HttpSubscriber
@@ -28,10 +28,13 @@ from shared.eventing.sink import KafkaWriter, TopicTarget
 from shared.eventing.source import SourceHandler
 from shared.eventing.spec import Delivery, Destination, EventingSpec
 from shared.eventing.trigger import TriggerHandler
+from shared.health import Health
 
 log = logging.getLogger(__name__)
 # Records a dispatcher buffers before it pauses its partitions; HTTP concurrency is the sender's pool.
 MAX_PENDING = 2000
+MAX_RESTARTS = 3  # replacements of one failed consumer group before `up` gives up and exits 1
+Consumer = Dispatcher | SharedReader
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,11 @@ class EventPlane:
         self.stopping = threading.Event()
         self.writer: KafkaWriter | None = None
         self.ingress: IngressServer | None = None
-        self.dispatchers: list[Dispatcher | SharedReader] = []
+        self.dispatchers: list[Consumer] = []
+        self._factories: dict[str, Callable[[], Consumer]] = {}
+        self.restarts: dict[str, int] = {}
+        # Components outside the plane that `health()` reports too (`up`: the broker, the platform).
+        self.health_sources: list[Callable[[], list[Health]]] = []
         self.senders: dict[str, Sender] = {}
         missing = [name for name in spec.functions() if name not in self.function_urls]
         if missing:
@@ -168,10 +175,11 @@ class EventPlane:
                     source.initial_offset,
                 )
             )
-        self.dispatchers.extend(self._consumers(groups))
+        self._factories = self._consumers(groups)
+        self.dispatchers.extend(make() for make in self._factories.values())
         for dispatcher in self.dispatchers:
             dispatcher.start()
-        self.ingress = IngressServer(brokers, self.options.ingress_host, self.options.ingress_port)
+        self.ingress = IngressServer(brokers, self.options.ingress_host, self.options.ingress_port, health=self.health)
         self.ingress.start()
         deadline = time.monotonic() + ready_timeout_s
         for dispatcher in self.dispatchers:
@@ -179,29 +187,27 @@ class EventPlane:
                 self.stop()
                 raise RuntimeError(f"{dispatcher.name}: no partitions assigned within {ready_timeout_s:.0f} s")
 
-    def _consumers(self, groups: list[Consumption]) -> list[Dispatcher | SharedReader]:
-        """A shared reader per topic that several single-topic groups read (with `shared_fetch`), a
-        dispatcher for every other group."""
+    def _consumers(self, groups: list[Consumption]) -> dict[str, Callable[[], Consumer]]:
+        """Name -> how to make it: a shared reader per topic that several single-topic groups read
+        (with `shared_fetch`), a dispatcher for every other group. `recover` makes one again."""
         by_topic: dict[str, list[Consumption]] = {}
         if self.options.shared_fetch:
             for group in groups:
                 if len(group.topics) == 1:
                     by_topic.setdefault(group.topics[0], []).append(group)
         shared = {topic: members for topic, members in by_topic.items() if len(members) > 1}
-        out: list[Dispatcher | SharedReader] = []
-        for topic, members in shared.items():
-            out.append(
-                SharedReader(
-                    f"fanout-{topic}",
-                    self.kafka,
-                    topic,
-                    [Member(g.name, g.group_id, g.handle, g.ordered, MAX_PENDING, g.offset_reset) for g in members],
-                )
+        out: dict[str, Callable[[], Consumer]] = {}
+
+        def reader(topic: str, members: list[Consumption]) -> Callable[[], Consumer]:
+            return lambda: SharedReader(
+                f"fanout-{topic}",
+                self.kafka,
+                topic,
+                [Member(g.name, g.group_id, g.handle, g.ordered, MAX_PENDING, g.offset_reset) for g in members],
             )
-        for group in groups:
-            if len(group.topics) == 1 and group.topics[0] in shared:
-                continue
-            dispatcher = Dispatcher(
+
+        def dispatcher(group: Consumption) -> Callable[[], Consumer]:
+            return lambda: Dispatcher(
                 group.name,
                 self.kafka,
                 group.group_id,
@@ -211,21 +217,57 @@ class EventPlane:
                 max_pending=MAX_PENDING,
                 offset_reset=group.offset_reset,
             )
-            out.append(dispatcher)
+
+        for topic, members in shared.items():
+            out[f"fanout-{topic}"] = reader(topic, members)
+        for group in groups:
+            if not (len(group.topics) == 1 and group.topics[0] in shared):
+                out[group.name] = dispatcher(group)
         return out
 
-    def problems(self) -> list[str]:
-        """Components that stopped while the plane runs (a consumer thread that died, the ingress)."""
+    def health(self) -> list[Health]:
+        """Every long-lived component: the consumer groups (with their restarts), the writer, the ingress."""
+        found = [
+            replace(h, restarts=self.restarts.get(h.component, 0))
+            for consumer in self.dispatchers
+            for h in consumer.health()
+        ]
+        found += [sender.health() for sender in self.senders.values()]
+        if self.writer is not None:
+            found.append(self.writer.health())
+        if self.ingress is not None:
+            found.append(self.ingress.own_health())
+        for source in self.health_sources:
+            found += source()
+        return found
+
+    def recover(self) -> list[str]:
+        """Replace each consumer group that failed (from its committed offsets, so what it had in
+        flight is delivered again), at most MAX_RESTARTS times each; returns what could not be
+        recovered (a group over its restarts, the writer, the ingress)."""
         if self.stopping.is_set():
             return []
-        found = []
-        for dispatcher in self.dispatchers:
-            failed = getattr(dispatcher, "failed", None)
-            if failed is not None or not dispatcher._thread.is_alive():
-                found.append(f"{dispatcher.name} stopped ({failed!r})" if failed else f"{dispatcher.name} stopped")
-        if self.ingress is not None and not self.ingress.alive:
-            found.append("the broker ingress stopped")
-        return found
+        problems = []
+        for index, consumer in enumerate(self.dispatchers):
+            failed = [h for h in consumer.health() if h.failed]
+            if not failed:
+                continue
+            reason = "; ".join(f"{h.component}: {h.detail}" for h in failed)
+            done = self.restarts.get(consumer.name, 0)
+            if done >= MAX_RESTARTS:
+                problems.append(f"{consumer.name} failed again after {done} restarts ({reason})")
+                continue
+            log.error("%s failed (%s): restarting it from its committed offsets", consumer.name, reason)
+            consumer.stop(drain_s=0.0)
+            replacement = self._factories[consumer.name]()
+            replacement.start()
+            self.dispatchers[index] = replacement
+            self.restarts[consumer.name] = done + 1
+        others = [sender.health() for sender in self.senders.values()]
+        others += [self.writer.health()] if self.writer is not None else []
+        others += [self.ingress.own_health()] if self.ingress is not None else []
+        others += [h for source in self.health_sources for h in source()]
+        return problems + [f"{h.component} failed ({h.detail})" for h in others if h.failed]
 
     def stop(self) -> None:
         """Stop consuming, let in-flight deliveries settle briefly, commit, flush, close."""

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from shared.eventing.delivery import Abandoned, HttpSubscriber, Outcome, dead_letter_event
 from shared.eventing.sink import TopicTarget
 from shared.events import Event
+from shared.health import FAILED, READY, Health
 
 log = logging.getLogger(__name__)
 # Batched requests one batched sender keeps in flight (each carries up to `batch` events).
@@ -51,6 +52,7 @@ class Sender:
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"send-{owner}")
         self.on_outcome: Callable[[Event, Outcome], None] | None = None  # for tests and `up`
         self.batch = batch if isinstance(target, HttpSubscriber) else 1
+        self._closed = False
         self._queue: queue.SimpleQueue[tuple[Event, Finish] | None] = queue.SimpleQueue()
         self._batchers = [
             threading.Thread(target=self._batch_loop, name=f"batch-{owner}-{i}", daemon=True)
@@ -150,7 +152,15 @@ class Sender:
 
         self.pool.submit(post)
 
+    def health(self) -> Health:
+        """Failed when one of its batched-delivery threads ended while the plane runs."""
+        dead = sum(not thread.is_alive() for thread in self._batchers)
+        if dead and not self._closed:
+            return Health(f"sender {self.owner}", FAILED, f"{dead} batched-delivery thread(s) ended")
+        return Health(f"sender {self.owner}", READY)
+
     def close(self) -> None:
+        self._closed = True
         for _ in self._batchers:
             self._queue.put(None)
         self.pool.shutdown(wait=False, cancel_futures=True)

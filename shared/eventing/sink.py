@@ -17,6 +17,7 @@ from typing import Any
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.kafka_binding import Headers, to_record
 from shared.events import Event
+from shared.health import Health, of_thread
 
 log = logging.getLogger(__name__)
 Acked = Callable[[Exception | None], None]
@@ -34,12 +35,22 @@ class KafkaWriter:
 
         self._producer = Producer(config.producer(**extra))
         self._stop = threading.Event()
+        self.failed: BaseException | None = None
         self._thread = threading.Thread(target=self._serve, name="kafka-writer", daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)
+        try:
+            while not self._stop.is_set():
+                self._producer.poll(0.05)
+        except BaseException as exc:
+            self.failed = exc
+            log.exception("kafka-writer: stopped serving delivery reports")
+
+    def health(self) -> Health:
+        """Failed when its delivery-report thread raised or ended before `close()`."""
+        alive = self._thread.is_alive() or self._stop.is_set()
+        return of_thread("kafka-writer", alive, True, self.failed)
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
         """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails."""
@@ -64,6 +75,7 @@ class KafkaWriter:
             log.warning("%d record(s) not acknowledged at shutdown", left)
         self._stop.set()
         self._thread.join(timeout=2)
+        self._producer.close()
 
 
 class TopicTarget:

@@ -16,20 +16,19 @@ from typing import Any
 
 import yaml
 
+from shared import service_files
 from shared.eventing.filters import MATCH_ALL, Filter, FilterError, compile_trigger_filter
+from shared.service_files import SERVICE_API, SpecError
+
+__all__ = ["EventingSpec", "SpecError", "check_loops", "load", "parse_duration"]
 
 ORDER_ANNOTATION = "kafka.eventing.knative.dev/delivery.order"
 # Ours, ignored by Knative: deliver up to N events in one batched-CloudEvents request (the subscriber
 # must accept `application/cloudevents-batch+json`, as every onnxfn function does).
 BATCH_ANNOTATION = "onnxfn.dev/delivery.batch"
 CLASS_ANNOTATION = "eventing.knative.dev/broker.class"
-SERVICE_API = "serving.knative.dev/v1"
 DEFAULT_BACKOFF_DELAY_S = 1.0  # Kafka data plane default when `retry` is set without a delay
 DEFAULT_TIMEOUT_S = 600.0
-
-
-class SpecError(ValueError):
-    """The eventing YAML describes something the plane would run wrongly."""
 
 
 @dataclass(frozen=True)
@@ -300,18 +299,13 @@ def _read_docs(directory: Path) -> list[_Doc]:
 
 
 def service_names(knative_dir: Path | None) -> frozenset[str]:
-    """Knative Service names in `knative/`; the function folders when it has none."""
-    names: set[str] = set()
-    if knative_dir is not None and knative_dir.is_dir():
-        for path in sorted(knative_dir.glob("*.yaml")):
-            for doc in yaml.safe_load_all(path.read_text()):
-                if isinstance(doc, dict) and doc.get("kind") == "Service":
-                    names.add(str((doc.get("metadata") or {}).get("name")))
-    if not names:
-        from shared.contract import function_names
+    """Knative Service names committed in `knative/`; the function folders when it has none."""
+    names = service_files.service_names(knative_dir) if knative_dir is not None else frozenset()
+    if names:
+        return names
+    from shared.contract import function_names
 
-        names.update(function_names())
-    return frozenset(names)
+    return frozenset(function_names())
 
 
 def load(directory: Path, knative_dir: Path | None = None, services: Iterable[str] | None = None) -> EventingSpec:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
 import tempfile
@@ -22,17 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from shared.eventing.cliutil import add_bootstrap
+from shared.health import FAILED, READY, Health
 from shared.platform.cli import add_scaling_arguments
-from shared.platform.platform import default_state_file
+from shared.platform.platform import default_state_file, plane_state_file
 
 ROOT = Path(__file__).resolve().parents[2]
-SENTENCES = (
-    "Serverless functions scale to zero when no events arrive.",
-    "A Kafka broker keeps every event until its consumers have seen it.",
-    "The digits model reads an eight by eight image.",
-    "Triggers deliver each event to the function that wants it.",
-    "Dead letters keep the events nobody could process.",
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,33 +46,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--state-file", type=Path, default=default_state_file(), help="where to say the gateway URL (onnxfn status)"
     )
     add_scaling_arguments(parser)
-    parser.add_argument("--samples", type=int, default=20, help="digits images in the sample stream (0: none)")
+    parser.add_argument("--samples", type=int, default=20, help="sample events per entry function (0: none)")
     parser.add_argument("--quiet", action="store_true", help="do not print results as they arrive")
 
 
-def sample_events(count: int) -> list[Any]:
-    """Held-out digits images (label in `expected`) and sentences, as request events."""
+def entry_functions(loaded: Any) -> list[str]:
+    """The functions whose request types no other function of the spec answers with (where a
+    stream starts: digits and embed here, not postprocess)."""
+    from shared.contract import load_handler
+
+    configs = {name: load_handler(name).config for name in loaded.functions()}
+    produced = {t for config in configs.values() for t in config.result_types}
+    return [name for name, config in configs.items() if not set(config.accepts) & produced]
+
+
+def sample_events(functions: list[str], count: int) -> list[Any]:
+    """`count` request events for each function, from its plug-in's `samples` (with their
+    attributes, such as digits' `expected` label)."""
+    from shared.contract import load_handler, samples
     from shared.events import new_event
 
-    try:
-        from functions.digits.build import held_out_split
-
-        images, labels = held_out_split()
-        pairs = [(images[i].reshape(-1).astype(int).tolist(), int(labels[i])) for i in range(min(count, len(labels)))]
-    except ImportError:  # scikit-learn missing: the one image the digits handler ships
-        from functions.digits.func import EXAMPLE_IMAGE
-
-        pairs = [([v for row in EXAMPLE_IMAGE for v in row], 2)] * count
-    events = [
-        new_event("dev.onnxfn.digits.request", "/onnxfn/up", {"image": image}, {"partitionkey": f"img-{i}"})
-        for i, (image, _) in enumerate(pairs)
-    ]
-    for event, (_, label) in zip(events, pairs, strict=True):
-        event.attributes["expected"] = str(label)
-    events += [
-        new_event("dev.onnxfn.embed.request", "/onnxfn/up", {"text": text}, {"partitionkey": f"text-{i}"})
-        for i, text in enumerate(SENTENCES[: max(1, count // 4)] if count else ())
-    ]
+    events = []
+    for name in functions:
+        handler = load_handler(name)
+        for i, (data, attributes) in enumerate(samples(handler, count)):
+            event = new_event(handler.config.accepts[0], "/onnxfn/up", data, {"partitionkey": f"{name}-{i}"})
+            event.attributes.update(attributes)
+            events.append(event)
     return events
 
 
@@ -223,18 +218,18 @@ class ResultPrinter:
 HEALTH_INTERVAL_S = 1.0
 
 
-def _process_problems(broker: Any, platform: Any) -> list[str]:
-    """The embedded broker or the platform process, if one has exited."""
+def process_health(broker: Any, platform: Any) -> list[Health]:
+    """The embedded broker and the platform process: ready while they run, failed once exited."""
     found = []
-    if broker is not None and broker.process is not None and broker.process.poll() is not None:
-        found.append(f"the embedded broker exited with code {broker.process.returncode}")
-    if platform is not None and platform.proc.poll() is not None:
-        found.append(f"the platform process exited with code {platform.proc.returncode}")
+    for name, child in (("embedded broker", broker), ("platform process", platform)):
+        if child is None:
+            continue
+        code = child.exit_code
+        found.append(Health(name, READY) if code is None else Health(name, FAILED, f"exited with code {code}"))
     return found
 
 
 def run(args: argparse.Namespace) -> int:
-    import gc
     import logging
     import signal
 
@@ -255,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
     broker = None
+    plane_state = plane_state_file(args.state_file)
     exit_code = 0
     platform: PlatformProcess | None = None
     watcher = None
@@ -276,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
             platform.start()
             urls.update({name: platform.url_for(name) for name in wanted})
         plane = EventPlane(loaded, kafka, urls, PlaneOptions(ingress_port=args.ingress_port))
+        plane.health_sources.append(lambda: process_health(broker, platform))
         plane.start()
+        plane_state.write_text(json.dumps({"pid": os.getpid(), "ingress": plane.ingress_url}))
         print(f"Kafka bootstrap servers: {kafka.bootstrap_servers}" + (" (embedded Tansu)" if broker else ""))
         for b in loaded.brokers.values():
             print(f"broker ingress:  {plane.ingress_url}{b.path}  (topic {b.topic})")
@@ -292,16 +290,15 @@ def run(args: argparse.Namespace) -> int:
             printer = ResultPrinter(kafka, sinks)
             printer.start()
         if args.samples and inputs:
-            events = sample_events(args.samples)
+            events = sample_events(entry_functions(loaded), args.samples)
             writer = KafkaWriter(kafka)
             target = TopicTarget(writer, inputs[0])
             for event in events:
                 target.send(event, lambda err: None if err is None else print(f"publish failed: {err}"))
             writer.close()
-            del target, writer  # its librdkafka producer goes now, not after the broker
             print(f"published {len(events)} sample events to {inputs[0]}; results follow (Ctrl-C to stop)", flush=True)
         while not stop.wait(HEALTH_INTERVAL_S):
-            problems = plane.problems() + _process_problems(broker, platform)
+            problems = plane.recover()
             if problems:
                 print(f"up: {'; '.join(problems)}: stopping everything", file=sys.stderr, flush=True)
                 exit_code = 1
@@ -314,14 +311,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"up: {exc}{hint}", file=sys.stderr)
         return 1
     finally:
+        plane_state.unlink(missing_ok=True)
         if printer is not None:
             printer.stop()
         if watcher is not None:
             watcher.stop()
         if plane is not None:
-            plane.stop()
-            plane = None  # its librdkafka clients go before the broker does (no "Disconnected" noise)
-            gc.collect()
+            plane.stop()  # its librdkafka clients are closed before the broker stops
         if platform is not None:
             platform.stop()
         if broker is not None:

@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from shared.bench.loadgen import LoadResult, run_load
 from shared.build_models import default_model_dir, ensure_models
 from shared.config import PROJECT_ROOT
 from shared.contract import load_handler
-from shared.platform.status import fetch
+from shared.platform.child import PlatformProcess, scaling_flags
 from shared.process import free_port
 from shared.traffic import update_file
 
@@ -54,55 +53,17 @@ def _port(url: str) -> int:
     return urlsplit(url).port or 80
 
 
-class PlatformProcess:
-    """`onnxfn platform` on a free port over `knative_dir`; `status()` reads its /status."""
-
-    def __init__(self, knative_dir: Path, services: list[str], idle_window_s: float, log: Path) -> None:
-        self.gateway = f"http://127.0.0.1:{free_port()}/"
-        state = knative_dir / "state.json"
-        argv = [sys.executable, "-m", "shared.cli", "platform", *services, "--knative", str(knative_dir)]
-        argv += ["--port", str(_port(self.gateway)), "--idle-window", str(idle_window_s), "--state-file", str(state)]
-        self._log = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and fetch(self.gateway) is None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"onnxfn platform exited: {log.read_text()[-2000:]}")
-            time.sleep(0.05)
-
-    def status(self) -> dict[str, Any]:
-        data = fetch(self.gateway)
-        if data is None:
-            raise RuntimeError("the platform stopped answering")
-        return data
-
-    def revision(self, service: str, name: str | None = None) -> dict[str, Any]:
-        svc = next(s for s in self.status()["services"] if s["name"] == service)
-        rev: dict[str, Any] = next(r for r in svc["revisions"] if name is None or r["revision"] == name)
-        return rev
-
-    def url(self, service: str, tag: str = "") -> str:
-        svc = next(s for s in self.status()["services"] if s["name"] == service)
-        if not tag:
-            return str(svc["url"])
-        return str(next(t["url"] for t in svc["traffic"] if t["tag"] == tag))
-
-    def wait_zero(self, service: str, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            svc = next((s for s in self.status()["services"] if s["name"] == service), None)
-            if svc is not None and all(r["ready"] + r["starting"] + r["stopping"] == 0 for r in svc["revisions"]):
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"{service} did not go back to zero")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+def start_platform(knative: Path, services: list[str], idle_window_s: float, log: Path) -> PlatformProcess:
+    """`onnxfn platform` on a free port over `knative`, started and listening."""
+    platform = PlatformProcess(
+        services,
+        knative_dir=knative,
+        state_file=knative / "state.json",
+        gateway_port=free_port(),
+        scaling_flags=scaling_flags(idle_window_s, None, None),
+        log=log,
+    )
+    return platform.start()
 
 
 def prepare(directory: Path) -> Path:
@@ -129,7 +90,7 @@ def cold_starts(platform: PlatformProcess, function: str, runs: int) -> list[dic
     for _ in range(runs):
         platform.wait_zero(function)
         started = time.perf_counter()
-        result = _load(platform.url(function), function, 1, 60, count=1)
+        result = _load(platform.url_for(function), function, 1, 60, count=1)
         client_s = time.perf_counter() - started
         if result.ok != 1:
             raise RuntimeError(f"{function}: cold request failed: {result.statuses}")
@@ -141,7 +102,7 @@ def cold_starts(platform: PlatformProcess, function: str, runs: int) -> list[dic
 
 def warm_overhead(platform: PlatformProcess, function: str, rounds: int, duration: float) -> dict[str, Any]:
     """p50/p99 at concurrency 1, through the activator and direct to the same process, interleaved."""
-    url = platform.url(function)
+    url = platform.url_for(function)
     _load(url, function, 1, 0.5)  # wake it and warm both paths
     direct = f"http://127.0.0.1:{platform.revision(function)['processes'][0]['port']}/"
     _load(direct, function, 1, 0.5)
@@ -169,7 +130,7 @@ def warm_overhead(platform: PlatformProcess, function: str, rounds: int, duratio
 def burst(platform: PlatformProcess, function: str, size: int) -> dict[str, Any]:
     """`size` requests on `size` connections at once while `function` is at zero."""
     platform.wait_zero(function)
-    result = _load(platform.url(function), function, size, 120, count=size)
+    result = _load(platform.url_for(function), function, size, 120, count=size)
     return {
         "sent": size,
         "ok": result.ok,
@@ -182,13 +143,14 @@ def burst(platform: PlatformProcess, function: str, size: int) -> dict[str, Any]
 
 
 def int8_vs_fp32(platform: PlatformProcess, model_dir: Path, duration: float) -> dict[str, Any]:
-    """Accuracy and onnxruntime latency per version; served p50 (c=1) and rate (c=32) per tag URL."""
-    from functions.digits.build import compare_versions
+    """Accuracy and onnxruntime latency per version (the build module's `compare_versions`); served
+    p50 (c=1) and rate (c=32) per tag URL."""
+    from shared.build_models import build_module
 
-    report: dict[str, Any] = {"onnxruntime_one_thread": compare_versions(model_dir)}
+    report: dict[str, Any] = {"onnxruntime_one_thread": build_module("digits").compare_versions(model_dir)}
     served = {}
     for tag, version in (("current", "1"), ("candidate", "2")):
-        url = platform.url("digits", tag)
+        url = platform.url_for("digits", tag)
         _load(url, "digits", 1, 0.3)
         c1 = _load(url, "digits", 1, duration)
         c32 = _load(url, "digits", 32, duration)
@@ -238,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="onnxfn-platform-bench-") as tmp:
         knative = prepare(Path(tmp))
         say("starting onnxfn platform (digits, embed; idle window 1 s) ...")
-        platform = PlatformProcess(knative, ["digits", "embed"], 1.0, Path(tmp) / "platform.log")
+        platform = start_platform(knative, ["digits", "embed"], 1.0, Path(tmp) / "platform.log")
         report: dict[str, Any] = {"cold_starts": {}}
         try:
             for function in ("digits", "embed"):
@@ -249,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             platform.stop()
         # Warm figures on a platform that keeps the process while the direct calls bypass the activator.
         say("restarting onnxfn platform (digits; idle window 600 s) ...")
-        platform = PlatformProcess(knative, ["digits"], 600.0, Path(tmp) / "platform-warm.log")
+        platform = start_platform(knative, ["digits"], 600.0, Path(tmp) / "platform-warm.log")
         try:
             say("warm overhead (digits, c=1) ...")
             report["warm"] = warm_overhead(platform, "digits", args.rounds, args.duration)

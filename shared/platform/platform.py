@@ -33,7 +33,8 @@ from shared.platform.activator import Activator, Route
 from shared.platform.http import Request, simple_response
 from shared.platform.metrics import PlatformMetrics, RevisionRow
 from shared.platform.revision import RevisionRuntime, ScalingOptions
-from shared.platform.spec import DEFAULT_NAMESPACE, ServiceSpec, SpecError, load_service, service_files
+from shared.platform.spec import DEFAULT_NAMESPACE, ServiceSpec, SpecError, load_services
+from shared.service_files import CPU_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 def default_state_file() -> Path:
     """Where a running `onnxfn platform` / `onnxfn up` says its gateway URL (read by `onnxfn status`)."""
     return Path(tempfile.gettempdir()) / f"onnxfn-platform-{os.getuid()}.json"
+
+
+def plane_state_file(platform_state: Path) -> Path:
+    """Where `onnxfn up` says its event plane's ingress URL, beside the platform's state file."""
+    return platform_state.with_name(platform_state.stem + "-plane.json")
 
 
 @dataclass(frozen=True)
@@ -185,13 +191,11 @@ class Platform:
             writer.close()
         self.listeners.clear()
 
-    def _files(self) -> dict[str, Path]:
-        names = list(self.options.services) if self.options.services is not None else None
-        return service_files(self.options.knative_dir, names)
-
-    def _stamp(self, files: dict[str, Path]) -> dict[Path, tuple[int, int]]:
+    def _stamp(self) -> dict[Path, tuple[int, int]]:
+        """Size and mtime of every YAML file that could hold a served Service."""
         stamps = {}
-        for path in files.values():
+        directory = self.options.knative_dir
+        for path in [*directory.glob("*.yaml"), *(directory / CPU_VARIANT).glob("*.yaml")]:
             try:
                 stat = path.stat()
             except OSError:
@@ -202,12 +206,12 @@ class Platform:
     async def _reload_async(self, force: bool = False, strict: bool = False) -> None:
         """Apply the Service files if they changed: new routes at once, old revisions wind down."""
         try:
-            files = self._files()
-            stamps = self._stamp(files)
+            stamps = self._stamp()
             if not force and stamps == self.stamps:
                 return
             self.stamps = stamps
-            specs = {name: load_service(path, self.options.namespace) for name, path in files.items()}
+            names = list(self.options.services) if self.options.services is not None else None
+            specs = load_services(self.options.knative_dir, names, self.options.namespace)
         except SpecError as exc:
             if strict:
                 raise

@@ -3,9 +3,9 @@
 A request takes a slot on the least-busy ready process below `containerConcurrency`; when there is
 none it waits (FIFO, within the revision's `timeoutSeconds`) and, if the revision has no process,
 one is started: the cold start. Scale-up follows the KPA's arithmetic (in-flight plus waiting over
-the concurrency target, knative.md 2.2), bounded by `max-scale` and by what this machine's cores
+the concurrency target, as Knative autoscaling defines it), bounded by `max-scale` and by what this machine's cores
 allow. Scale-down keeps the most any stable window needed; after the idle window (stable window +
-max(scale-to-zero grace, pod retention), knative.md 2.5) with nothing in flight or waiting the
+max(scale-to-zero grace, pod retention), as Knative scale to zero defines it) with nothing in flight or waiting the
 revision goes to `min-scale` (0 when it has no traffic). A process leaves the routing set, in the
 event loop's thread, before it is stopped, so a request arriving at that moment starts a new one;
 the process is stopped only once its in-flight requests are answered (then gunicorn's SIGTERM drain).
@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,15 @@ class RevisionRuntime:
         metrics: PlatformMetrics,
         log_dir: Path,
         extra_env: dict[str, str],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        new_instance: Callable[[RevisionSpec, Path, dict[str, str]], Instance] = Instance,
     ) -> None:
+        """`clock` (seconds, monotonic) times every scaling decision and `new_instance` makes a
+        process; tests pass a manual clock and instances without processes."""
         self.spec = spec
+        self.clock = clock
+        self.new_instance = new_instance
         self.options = options
         self.metrics = metrics
         self.log_dir = log_dir
@@ -70,7 +78,7 @@ class RevisionRuntime:
         self.retiring: set[Instance] = set()
         self.waiters: deque[asyncio.Future[Instance]] = deque()
         self.reachable = True
-        self.last_active = time.monotonic()
+        self.last_active = clock()
         self.window: deque[tuple[float, int]] = deque()
         self.peak = 0
         self.last_cold_start: dict[str, Any] | None = None
@@ -151,7 +159,7 @@ class RevisionRuntime:
     def release(self, inst: Instance) -> None:
         """A request on `inst` is answered."""
         inst.inflight -= 1
-        self.last_active = time.monotonic()
+        self.last_active = self.clock()
         if inst.draining:
             if inst.inflight == 0:
                 inst.drained.set()
@@ -195,7 +203,7 @@ class RevisionRuntime:
 
     # -- scaling --------------------------------------------------------------------------------------
     def _start(self) -> Instance:
-        inst = Instance(self.spec, self.log_dir, self.extra_env)
+        inst = self.new_instance(self.spec, self.log_dir, self.extra_env)
         self.instances.append(inst)
         self._spawn_task(self._boot(inst))
         return inst
@@ -257,7 +265,7 @@ class RevisionRuntime:
 
     def tick(self) -> None:
         """Autoscaler step: keep min-scale, scale down to what the stable window needed, or to zero."""
-        now = time.monotonic()
+        now = self.clock()
         current = self.inflight + len(self.waiters)
         if current:
             self.last_active = now
@@ -304,7 +312,7 @@ class RevisionRuntime:
             "min_scale": self.min_scale,
             "max_scale": self.max_scale,
             "idle_window_s": self.idle_window_s,
-            "idle_s": round(time.monotonic() - self.last_active, 3),
+            "idle_s": round(self.clock() - self.last_active, 3),
             "processes": [{"port": i.port, "ready": i.ready, "inflight": i.inflight} for i in self.instances],
             "last_cold_start": self.last_cold_start,
             "start_error": self.start_error,

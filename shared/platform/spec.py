@@ -1,53 +1,42 @@
 """Services, revisions and traffic as the embedded platform reads them from `knative/` YAML.
 
-One Service file per function: `knative/cpu/service-<fn>.yaml` when present (this machine has no
-GPU), else `knative/service-<fn>.yaml`. The file holds one revision template (the latest revision,
-`spec.template.metadata.name`) and `spec.traffic`. A revision named in traffic that is not the
-template is an earlier one (Knative keeps them); on one machine it runs with the template's
-container and scaling settings and the model version its name says (`<svc>-v<version>[-variant]`,
-as `onnxfn render` names revisions), so `onnxfn traffic digits digits-v1-cpu=90 digits-v2-cpu=10`
-is a canary of v2 against v1.
+The files come from `shared.service_files` (the CPU variant where one exists). A Service holds one
+revision template (the latest revision, `spec.template.metadata.name`) and `spec.traffic`. A
+revision named in traffic that is not the template is an earlier one (Knative keeps them); on one
+machine it runs with the template's container and scaling settings and the model version its name
+says (`<svc>-v<version>[-variant]`, as `onnxfn render` names revisions), so `onnxfn traffic digits
+digits-v1-cpu=90 digits-v2-cpu=10` is a canary of v2 against v1.
+
+The platform does not import the functions it serves: a revision is a container environment and
+scaling settings. A model version the function does not have fails that revision's process at
+start, with the function's own message in its log and the revision marked failed.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from shared.service_files import (
+    AUTOSCALING,
+    DEFAULT_NAMESPACE,
+    DEFAULT_REVISION_TIMEOUT_S,
+    DEFAULT_STABLE_WINDOW_S,
+    DEFAULT_TARGET,
+    DEFAULT_UTILIZATION,
+    ServiceFile,
+    SpecError,
+    parse_go_duration,
+    served,
+)
 
-from shared.contract import load_handler
-
-AUTOSCALING = "autoscaling.knative.dev/"
 MODEL_VERSION_LABEL = "onnxfn.dev/model-version"
-DEFAULT_NAMESPACE = "default"
-DEFAULT_STABLE_WINDOW_S = 60.0  # config-autoscaler stable-window
-DEFAULT_TIMEOUT_S = 300  # config-defaults revision-timeout-seconds
-DEFAULT_TARGET = 100.0  # container-concurrency-target-default
-DEFAULT_UTILIZATION = 70.0  # container-concurrency-target-percentage
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
-class SpecError(ValueError):
-    """A Service file the platform cannot run (the message names the file and the field)."""
-
-
-def parse_duration(text: str | int | float) -> float:
-    """A Go duration (`60s`, `1m30s`, `500ms`) or a number of seconds -> seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    raw = text.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", raw):
-        return float(raw)
-    parts = _DURATION.findall(raw)
-    if not parts or "".join(n + u for n, u in parts) != raw:
-        raise SpecError(f"{text!r} is not a duration")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+MODEL_VERSION_ENV = "ONNXFN_MODEL_VERSION"
+__all__ = ["DEFAULT_NAMESPACE", "RevisionSpec", "ServiceSpec", "SpecError", "load_service", "load_services"]
 
 
 def parse_cpu(text: str | int | float) -> float:
@@ -63,7 +52,7 @@ class RevisionSpec:
     name: str
     service: str
     function: str
-    model_version: str
+    model_version: str  # "" : the function's default version
     env: Mapping[str, str]
     container_concurrency: int
     timeout_s: float
@@ -74,11 +63,10 @@ class RevisionSpec:
     stable_window_s: float
     retention_s: float
     cpu: float
-    workers: int
 
     @property
     def target_value(self) -> float:
-        """In-flight requests per process the autoscaler aims at (knative.md 2.2)."""
+        """In-flight requests per process the autoscaler aims at (Knative autoscaling: concurrency target)."""
         total = self.target if self.target is not None else float(self.container_concurrency or DEFAULT_TARGET)
         if self.target is not None and self.container_concurrency:
             total = min(total, float(self.container_concurrency))
@@ -90,10 +78,11 @@ class RevisionSpec:
 
     def process_env(self) -> dict[str, str]:
         """The container's environment plus the runtime contract's K_* and the model version."""
+        version = {MODEL_VERSION_ENV: self.model_version} if self.model_version else {}
         return {
             **self.env,
             "ONNXFN_FUNCTION": self.function,
-            "ONNXFN_MODEL_VERSION": self.model_version,
+            **version,
             "K_SERVICE": self.service,
             "K_CONFIGURATION": self.service,
             "K_REVISION": self.name,
@@ -138,11 +127,12 @@ def _annotation(annotations: Mapping[str, Any], key: str, legacy: str | None = N
     return None
 
 
-def _model_version(service: str, revision: str, labels: Mapping[str, Any] | None) -> str | None:
+def _model_version(service: str, revision: str, labels: Mapping[str, Any] | None, env: Mapping[str, str]) -> str:
+    """The revision's label, else the version in its name, else the container's ONNXFN_MODEL_VERSION."""
     if labels and MODEL_VERSION_LABEL in labels:
         return str(labels[MODEL_VERSION_LABEL])
     match = re.fullmatch(rf"{re.escape(service)}-v([0-9a-z]+)(?:-[-a-z0-9]+)?", revision)
-    return match.group(1) if match else None
+    return match.group(1) if match else env.get(MODEL_VERSION_ENV, "")
 
 
 def _revision(doc: Mapping[str, Any], name: str, labels: Mapping[str, Any] | None, where: str) -> RevisionSpec:
@@ -152,12 +142,6 @@ def _revision(doc: Mapping[str, Any], name: str, labels: Mapping[str, Any] | Non
     spec = template.get("spec", {})
     container = (spec.get("containers") or [{}])[0]
     env = {str(e["name"]): str(e["value"]) for e in container.get("env", []) or [] if "value" in e}
-    function = env.get("ONNXFN_FUNCTION", service)
-    config = load_handler(function).config
-    version = _model_version(service, name, labels) or config.model_version
-    if config.model_file is not None and version not in config.model_versions:
-        known = ", ".join(sorted(config.model_versions))
-        raise SpecError(f"{where}: revision {name} wants model version {version}; {function} has {known}")
     target = _annotation(annotations, "target")
     window = _annotation(annotations, "window")
     retention = _annotation(annotations, "scale-to-zero-pod-retention-period", "scaleToZeroPodRetentionPeriod")
@@ -166,11 +150,11 @@ def _revision(doc: Mapping[str, Any], name: str, labels: Mapping[str, Any] | Non
         return RevisionSpec(
             name=name,
             service=service,
-            function=function,
-            model_version=version,
+            function=env.get("ONNXFN_FUNCTION", service),
+            model_version=_model_version(service, name, labels, env),
             env=env,
             container_concurrency=int(spec.get("containerConcurrency", 0) or 0),
-            timeout_s=float(spec.get("timeoutSeconds", DEFAULT_TIMEOUT_S)),
+            timeout_s=float(spec.get("timeoutSeconds", DEFAULT_REVISION_TIMEOUT_S)),
             min_scale=int(_annotation(annotations, "min-scale", "minScale") or 0),
             max_scale=int(_annotation(annotations, "max-scale", "maxScale") or 0),
             target=float(target) if target is not None else None,
@@ -178,33 +162,32 @@ def _revision(doc: Mapping[str, Any], name: str, labels: Mapping[str, Any] | Non
                 _annotation(annotations, "target-utilization-percentage", "targetUtilizationPercentage")
                 or DEFAULT_UTILIZATION
             ),
-            stable_window_s=parse_duration(window) if window else DEFAULT_STABLE_WINDOW_S,
-            retention_s=parse_duration(retention) if retention else 0.0,
+            stable_window_s=parse_go_duration(window) if window else DEFAULT_STABLE_WINDOW_S,
+            retention_s=parse_go_duration(retention) if retention else 0.0,
             cpu=parse_cpu(cpu),
-            workers=int(env.get("ONNXFN_WORKERS", config.workers)),
         )
     except (TypeError, ValueError) as exc:
         raise SpecError(f"{where}: revision {name}: {exc}") from None
 
 
-def load_service(path: Path, namespace: str = DEFAULT_NAMESPACE) -> ServiceSpec:
-    """Read one Service file; SpecError says what is wrong."""
+def load_service(file: ServiceFile, namespace: str = DEFAULT_NAMESPACE) -> ServiceSpec:
+    """One Service as the platform runs it; SpecError says what is wrong."""
+    doc, path = file.document, file.path
     try:
-        doc = yaml.safe_load(path.read_text())
         service = doc["metadata"]["name"]
         template_meta = doc["spec"]["template"].get("metadata", {}) or {}
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
-        raise SpecError(f"{path}: not a readable Knative Service ({type(exc).__name__}: {exc})") from None
-    latest = template_meta.get("name") or f"{service}-latest"
-    raw_traffic = doc["spec"].get("traffic") or [{"latestRevision": True, "percent": 100}]
-    traffic: list[TrafficTarget] = []
-    revisions: dict[str, RevisionSpec] = {}
-    for entry in raw_traffic:
-        name = str(entry.get("revisionName") or latest)
-        if name not in revisions:
-            labels = template_meta.get("labels") if name == latest else None
-            revisions[name] = _revision(doc, name, labels, str(path))
-        traffic.append(TrafficTarget(name, int(entry.get("percent") or 0), str(entry.get("tag") or "")))
+        latest = template_meta.get("name") or f"{service}-latest"
+        raw_traffic = doc["spec"].get("traffic") or [{"latestRevision": True, "percent": 100}]
+        traffic: list[TrafficTarget] = []
+        revisions: dict[str, RevisionSpec] = {}
+        for entry in raw_traffic:
+            name = str(entry.get("revisionName") or latest)
+            if name not in revisions:
+                labels = template_meta.get("labels") if name == latest else None
+                revisions[name] = _revision(doc, name, labels, str(path))
+            traffic.append(TrafficTarget(name, int(entry.get("percent") or 0), str(entry.get("tag") or "")))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise SpecError(f"{path}: not a Knative Service the platform can run ({type(exc).__name__}: {exc})") from None
     total = sum(t.percent for t in traffic)
     if total != 100:
         raise SpecError(f"{path}: traffic percents sum to {total}, want 100")
@@ -212,15 +195,8 @@ def load_service(path: Path, namespace: str = DEFAULT_NAMESPACE) -> ServiceSpec:
     return ServiceSpec(service, namespace, path, latest, revisions, tuple(traffic), tags)
 
 
-def service_files(knative_dir: Path, names: list[str] | None = None) -> dict[str, Path]:
-    """Service name -> file: the CPU variant (`<dir>/cpu/`) when present, else `<dir>/`."""
-    found: dict[str, Path] = {}
-    for directory in (knative_dir, knative_dir / "cpu"):
-        for path in sorted(directory.glob("service-*.yaml")):
-            found[path.stem.removeprefix("service-")] = path
-    if names is not None:
-        missing = sorted(set(names) - set(found))
-        if missing:
-            raise SpecError(f"no Service file for {', '.join(missing)} in {knative_dir}")
-        found = {name: found[name] for name in names}
-    return found
+def load_services(
+    knative_dir: Path, names: Iterable[str] | None = None, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, ServiceSpec]:
+    """The Services the platform serves from `knative_dir` (every one, or `names`)."""
+    return {name: load_service(file, namespace) for name, file in served(knative_dir, names).items()}

@@ -162,16 +162,22 @@ def test_up_reports_a_broker_that_dies_and_exits_1(tmp_path: Path) -> None:
     urls = [
         arg for name in ("digits", "embed", "postprocess") for arg in ("--function-url", f"{name}=http://127.0.0.1:9/")
     ]
-    argv = ["up", "--samples", "0", "--no-functions", "--quiet", "--ingress-port", "0", *urls]
-    process = start_up(argv)
+    state = tmp_path / "platform.json"
+    argv = ["up", "--samples", "0", "--no-functions", "--quiet", "--ingress-port", "0", "--state-file", str(state)]
+    process = start_up([*argv, *urls])
     try:
         out = Output(process)
         out.wait_for(r"^READY$", 40)
+        shown = json.loads(onnxfn("status", "--json", "--state-file", str(state)))
+        components = {c["component"]: c for c in shown["plane"]["components"]}
+        assert components["embedded broker"]["state"] == "ready" and components["broker-ingress"]["state"] == "ready"
+        assert any(name.startswith("fanout-") for name in components)
+        assert {c["state"] for c in components.values()} == {"ready"}
         children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
         (broker,) = [int(p) for p in children if b"--listener-url" in Path(f"/proc/{p}/cmdline").read_bytes()]
         os.kill(broker, signal.SIGKILL)
         assert process.wait(timeout=30) == 1
-        out.wait_for(r"the embedded broker exited with code -9: stopping everything", 5)
+        out.wait_for(r"embedded broker failed \(exited with code -9\): stopping everything", 5)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

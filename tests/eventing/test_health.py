@@ -1,0 +1,114 @@
+"""A consumer thread of the plane that raises is seen (plane health, the ingress's /health), replaced
+from its committed offsets so its events still arrive, and reported once it fails past its restarts."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from eventing_helpers import Subscriber, collect, ids_of, produce, reply_with, request, spec_yaml, trigger_yaml
+
+from shared.eventing import plane as plane_module
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.plane import EventPlane
+from shared.eventing.trigger import TriggerHandler
+from shared.health import Health
+
+Plane = Callable[[str], EventPlane]
+RESULTS = "  filter: {attributes: {type: t.result}}"
+
+
+def _break_trigger(monkeypatch: pytest.MonkeyPatch, name: str, times: int) -> list[int]:
+    """Trigger `name`'s handler raises on its first `times` records (on the consumer thread)."""
+    raised: list[int] = []
+    original = TriggerHandler.__call__
+
+    def handle(self: TriggerHandler, message: Any, finish: Callable[[], None]) -> None:
+        if self.trigger.name == name and len(raised) < times:
+            raised.append(message.offset())
+            raise RuntimeError("the consumer thread broke")
+        original(self, message, finish)
+
+    monkeypatch.setattr(TriggerHandler, "__call__", handle)
+    return raised
+
+
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def _ingress_health(event_plane: EventPlane) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(event_plane.ingress_url + "/health", timeout=5) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def _spec(ns: str, subscriber: str) -> str:
+    """Trigger `fn` to the subscriber and `res` to the results sink: two groups on one shared reader."""
+    fn = trigger_yaml("fn", "  filter: {attributes: {type: t.request}}", subscriber)
+    return spec_yaml(ns, [fn, trigger_yaml("res", RESULTS, "sink:results")])
+
+
+def _failed(event_plane: EventPlane) -> list[Health]:
+    return [h for h in event_plane.health() if h.failed]
+
+
+def test_a_consumer_that_raises_is_reported_and_replaced_and_its_event_arrives(
+    plane: Plane, kafka: KafkaConfig, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raised = _break_trigger(monkeypatch, "fn", times=1)
+    sub = Subscriber(reply_with("t.result")).start()
+    try:
+        event_plane = plane(_spec(ns, sub.url))
+        status, body = _ingress_health(event_plane)
+        assert status == 200 and {c["state"] for c in body["components"]} == {"ready"}
+        events = [request("t.request", {"i": i}) for i in range(5)]
+        produce(kafka, f"{ns}.input", events)
+
+        _wait_for(lambda: bool(_failed(event_plane)))
+        (dead,) = _failed(event_plane)
+        assert dead.component.startswith("fanout-") and "the consumer thread broke" in dead.detail
+        status, body = _ingress_health(event_plane)
+        assert status == 503
+        assert any(c["state"] == "failed" and "broke" in c["detail"] for c in body["components"])
+
+        assert event_plane.recover() == []  # replaced, nothing left to report
+        want = {e.id for e in events}
+        seen = collect(kafka, [f"{ns}.results"], lambda s: want <= ids_of(s[f"{ns}.results"], "requestid"))
+        assert want <= ids_of(seen[f"{ns}.results"], "requestid")
+        assert len(raised) == 1
+        health = {h.component: h for h in event_plane.health()}
+        assert health[dead.component].state == "ready" and health[dead.component].restarts == 1
+        assert _ingress_health(event_plane)[0] == 200
+    finally:
+        sub.stop()
+
+
+def test_a_consumer_that_keeps_failing_is_reported_after_its_restarts(
+    plane: Plane, kafka: KafkaConfig, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(plane_module, "MAX_RESTARTS", 2)
+    _break_trigger(monkeypatch, "fn", times=1000)
+    sub = Subscriber(reply_with("t.result")).start()
+    try:
+        event_plane = plane(_spec(ns, sub.url))
+        produce(kafka, f"{ns}.input", [request("t.request", {"i": 0})])
+        problems: list[str] = []
+        for _ in range(3):
+            _wait_for(lambda: bool(_failed(event_plane)))
+            problems = event_plane.recover()
+        assert len(problems) == 1 and "failed again after 2 restarts" in problems[0] and "broke" in problems[0]
+        assert sub.ids() == []  # nothing was delivered past the broken handler, and nothing committed past it
+    finally:
+        sub.stop()
