@@ -1,14 +1,15 @@
-"""Load `eventing/*.yaml` (and the Service names in `knative/`) into typed, checked objects.
+"""Load `eventing/*.yaml` (and the Service names in `knative/`) into the plane's resolved objects.
 
-Kinds: ConfigMap (broker config), Broker (class Kafka), KafkaSource, Trigger, KafkaSink. Loading
-rejects, with the file and a path in the message: unknown fields, a Trigger whose broker or
-subscriber does not exist, a dead-letter sink that does not exist, and a loop (a function whose
-result types a chain of triggers routes back into itself).
+Kinds: ConfigMap (broker config), Broker (class Kafka), KafkaSource, Trigger, KafkaSink. Each
+document is first validated against its kind's schema (`schema.py`: unknown fields, types, enums,
+durations), then one resolve step follows references and merges delivery specs. Loading rejects,
+with the file, the resource and a path in the message: a Trigger whose broker or subscriber does not
+exist, a dead-letter sink that does not exist, and a loop (a function whose result types a chain of
+triggers routes back into itself).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any
 import yaml
 
 from shared import service_files
+from shared.eventing import schema
 from shared.eventing.filters import MATCH_ALL, Filter, FilterError, compile_trigger_filter
+from shared.eventing.schema import parse_duration
 from shared.service_files import SERVICE_API, SpecError
 
 __all__ = ["EventingSpec", "SpecError", "check_loops", "load", "parse_duration"]
@@ -156,130 +159,23 @@ class EventingSpec:
         return sorted(names)
 
 
-_DURATION = re.compile(
-    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
-    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
-)
-
-
-def parse_duration(text: Any, where: str) -> float:
-    """ISO-8601 duration (`PT0.5S`, `PT1M30S`, `P1D`) -> seconds."""
-    match = _DURATION.match(text) if isinstance(text, str) else None
-    if match is None or text in ("P", "PT") or text.endswith("T"):
-        raise SpecError(f"{where}: {text!r} is not an ISO-8601 duration (e.g. PT0.5S)")
-    parts = {k: float(v) for k, v in match.groupdict().items() if v}
-    return parts.get("d", 0) * 86400 + parts.get("h", 0) * 3600 + parts.get("m", 0) * 60 + parts.get("s", 0)
-
-
 class _Doc:
-    """One YAML document being read, for error messages with file and path."""
+    """One validated YAML document, for error messages with file, kind/name and field path."""
 
-    def __init__(self, path: Path, doc: dict[str, Any]):
+    def __init__(self, path: Path, raw: dict[str, Any], resource: schema.Resource):
         self.path = path
-        self.doc = doc
-        meta = doc.get("metadata") or {}
-        self.name = str(meta.get("name", "?"))
-        self.label = f"{path.name}: {doc.get('kind')}/{self.name}"
+        self.resource = resource
+        self.name = resource.metadata.name
+        self.namespace = resource.metadata.namespace
+        self.annotations = resource.metadata.annotations
+        self.label = f"{path.name}: {raw.get('kind')}/{self.name}"
 
     def error(self, where: str, message: str) -> SpecError:
         return SpecError(f"{self.label}: {where}: {message}")
 
-    def fields(self, node: Any, allowed: Iterable[str], where: str, required: Iterable[str] = ()) -> dict[str, Any]:
-        if node is None:
-            node = {}
-        if not isinstance(node, dict):
-            raise self.error(where, "expected an object")
-        allowed = set(allowed)
-        unknown = sorted(set(node) - allowed)
-        if unknown:
-            raise self.error(where, f"unknown field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
-        missing = [name for name in required if node.get(name) in (None, "", [], {})]
-        if missing:
-            raise self.error(where, f"missing required field(s) {', '.join(missing)}")
-        return node
-
-
-_META = ("name", "namespace", "annotations", "labels")
-
-
-def _destination(d: _Doc, node: Any, where: str, namespace: str) -> Destination:
-    node = d.fields(node, ("ref", "uri", "CACerts", "audience"), where)
-    ref = None
-    if node.get("ref") is not None:
-        r = d.fields(node["ref"], ("apiVersion", "kind", "name", "namespace"), where + ".ref", ("kind", "name"))
-        ref = Ref(str(r.get("apiVersion", "")), str(r["kind"]), str(r["name"]), str(r.get("namespace", namespace)))
-    uri = node.get("uri")
-    if ref is None and not uri:
-        raise d.error(where, "needs a ref or a uri")
-    if ref is not None and uri:
-        raise d.error(where, "a uri relative to a ref is not supported by the embedded plane; use one")
-    return Destination(ref, str(uri) if uri else None)
-
-
-def _delivery(d: _Doc, node: Any, where: str, namespace: str) -> Delivery | None:
-    if node is None:
-        return None
-    allowed = ("retry", "backoffPolicy", "backoffDelay", "timeout", "deadLetterSink", "format", "retryAfterMax")
-    node = d.fields(node, allowed, where)
-    retry = node.get("retry")
-    if retry is not None and (not isinstance(retry, int) or isinstance(retry, bool) or retry < 0):
-        raise d.error(where + ".retry", "must be an integer >= 0")
-    policy = node.get("backoffPolicy")
-    if policy is not None and policy not in ("linear", "exponential"):
-        raise d.error(where + ".backoffPolicy", f"{policy!r}: expected linear or exponential")
-    delay = node.get("backoffDelay")
-    timeout = node.get("timeout")
-    dls = node.get("deadLetterSink")
-    return Delivery(
-        retry=retry,
-        backoff_policy=policy,
-        backoff_delay_s=parse_duration(delay, f"{d.label}: {where}.backoffDelay") if delay is not None else None,
-        timeout_s=parse_duration(timeout, f"{d.label}: {where}.timeout") if timeout is not None else None,
-        dead_letter=_destination(d, dls, where + ".deadLetterSink", namespace) if dls is not None else None,
-    )
-
-
-def _batch(d: Any, value: Any, ordered: bool) -> int:
-    where = f"metadata.annotations.{BATCH_ANNOTATION}"
-    if value is None:
-        return 1
-    try:
-        batch = int(str(value))
-    except ValueError:
-        raise d.error(where, f"{value!r}: expected a whole number of events") from None
-    if not 1 <= batch <= 1000:
-        raise d.error(where, f"{batch}: expected 1 to 1000 events")
-    if ordered and batch > 1:
-        raise d.error(where, "batched delivery needs an unordered trigger")
-    return batch
-
-
-def _meta(d: _Doc) -> tuple[str, str, dict[str, str]]:
-    meta = d.fields(d.doc.get("metadata"), _META, "metadata", ("name",))
-    return d.name, str(meta.get("namespace", "default")), dict(meta.get("annotations") or {})
-
-
-def _order(d: _Doc, value: str | None, where: str, default: str) -> bool:
-    value = value or default
-    if value not in ("ordered", "unordered"):
-        raise d.error(where, f"{value!r}: expected ordered or unordered")
-    return value == "ordered"
-
-
-def _int_text(d: _Doc, data: Mapping[str, Any], key: str, default: int) -> int:
-    raw = data.get(key)
-    try:
-        return int(raw) if raw is not None else default
-    except ValueError:
-        raise d.error(f"data.{key}", f"{raw!r} is not an integer") from None
-
-
-def _top(d: _Doc, spec_fields: Iterable[str], required: Iterable[str] = ()) -> dict[str, Any]:
-    d.fields(d.doc, ("apiVersion", "kind", "metadata", "spec", "status"), "")
-    return d.fields(d.doc.get("spec"), spec_fields, "spec", required)
-
 
 def _read_docs(directory: Path) -> list[_Doc]:
+    """Every document of every YAML file in `directory`, validated against its kind's schema."""
     files = sorted(directory.glob("*.yaml")) + sorted(directory.glob("*.yml"))
     if not files:
         raise SpecError(f"{directory}: no YAML files")
@@ -289,13 +185,76 @@ def _read_docs(directory: Path) -> list[_Doc]:
             loaded = list(yaml.safe_load_all(path.read_text()))
         except yaml.YAMLError as exc:
             raise SpecError(f"{path.name}: not valid YAML: {exc}") from None
-        for doc in loaded:
-            if doc is None:
+        for raw in loaded:
+            if raw is None:
                 continue
-            if not isinstance(doc, dict) or "kind" not in doc:
+            if not isinstance(raw, dict) or "kind" not in raw:
                 raise SpecError(f"{path.name}: every document must be an object with a kind")
-            docs.append(_Doc(path, doc))
+            name = (raw.get("metadata") or {}).get("name", "?") if isinstance(raw.get("metadata"), dict) else "?"
+            label = f"{path.name}: {raw['kind']}/{name}"
+            if raw["kind"] not in schema.KINDS:
+                kinds = ", ".join(schema.KINDS)
+                raise SpecError(f"{label}: kind: unsupported kind {raw['kind']!r} ({kinds})")
+            try:
+                resource = schema.parse(raw)
+            except schema.SchemaError as exc:
+                raise SpecError(f"{label}: {exc}") from None
+            docs.append(_Doc(path, raw, resource))
     return docs
+
+
+def _destination(node: schema.Destination, namespace: str) -> Destination:
+    ref = node.ref
+    if ref is None:
+        return Destination(None, node.uri)
+    return Destination(Ref(ref.apiVersion, ref.kind, ref.name, ref.namespace or namespace), None)
+
+
+def _delivery(d: _Doc, node: schema.DeliverySpec | None, where: str) -> Delivery | None:
+    if node is None:
+        return None
+
+    def seconds(value: str | None, field_name: str) -> float | None:
+        return None if value is None else parse_duration(value, f"{d.label}: {where}.{field_name}")
+
+    return Delivery(
+        retry=node.retry,
+        backoff_policy=node.backoffPolicy,
+        backoff_delay_s=seconds(node.backoffDelay, "backoffDelay"),
+        timeout_s=seconds(node.timeout, "timeout"),
+        dead_letter=_destination(node.deadLetterSink, d.namespace) if node.deadLetterSink is not None else None,
+    )
+
+
+def _batch(d: _Doc, ordered: bool) -> int:
+    where = f"metadata.annotations.{BATCH_ANNOTATION}"
+    value = d.annotations.get(BATCH_ANNOTATION)
+    if value is None:
+        return 1
+    try:
+        batch = int(value)
+    except ValueError:
+        raise d.error(where, f"{value!r}: expected a whole number of events") from None
+    if not 1 <= batch <= 1000:
+        raise d.error(where, f"{batch}: expected 1 to 1000 events")
+    if ordered and batch > 1:
+        raise d.error(where, "batched delivery needs an unordered trigger")
+    return batch
+
+
+def _trigger_ordered(d: _Doc) -> bool:
+    value = d.annotations.get(ORDER_ANNOTATION) or "unordered"
+    if value not in ("ordered", "unordered"):
+        raise d.error(f"metadata.annotations.{ORDER_ANNOTATION}", f"{value!r}: expected ordered or unordered")
+    return value == "ordered"
+
+
+def _int_text(d: _Doc, data: Mapping[str, Any], key: str, default: int) -> int:
+    raw = data.get(key)
+    try:
+        return int(raw) if raw is not None else default
+    except ValueError:
+        raise d.error(f"data.{key}", f"{raw!r} is not an integer") from None
 
 
 def service_names(knative_dir: Path | None) -> frozenset[str]:
@@ -308,70 +267,46 @@ def service_names(knative_dir: Path | None) -> frozenset[str]:
     return frozenset(function_names())
 
 
-def load(directory: Path, knative_dir: Path | None = None, services: Iterable[str] | None = None) -> EventingSpec:
-    """Read and check every resource in `directory`. Raises SpecError with a clear message."""
-    docs = _read_docs(directory)
-    config_maps: dict[tuple[str, str], dict[str, Any]] = {}
-    for d in docs:
-        if d.doc["kind"] == "ConfigMap":
-            d.fields(d.doc, ("apiVersion", "kind", "metadata", "data"), "")
-            name, ns, _ = _meta(d)
-            config_maps[(ns, name)] = dict(d.doc.get("data") or {})
+class _Resolver:
+    """The references between validated documents: ConfigMaps, Brokers, sinks and Services."""
 
-    brokers: dict[str, BrokerSpec] = {}
-    sinks: dict[str, KafkaSinkSpec] = {}
-    raw_triggers: list[tuple[_Doc, dict[str, Any], str, dict[str, str]]] = []
-    raw_sources: list[tuple[_Doc, dict[str, Any], str]] = []
-    for d in docs:
-        kind = d.doc["kind"]
-        if kind == "ConfigMap":
-            continue
-        name, ns, annotations = _meta(d)
-        if kind == "Broker":
-            spec = _top(d, ("config", "delivery"))
-            broker_class = annotations.get(CLASS_ANNOTATION)
-            if broker_class not in ("Kafka", "KafkaNamespaced"):
-                raise d.error(f"metadata.annotations.{CLASS_ANNOTATION}", f"{broker_class!r}: expected Kafka")
-            data: dict[str, Any] = {}
-            if spec.get("config") is not None:
-                cfg = d.fields(spec["config"], ("apiVersion", "kind", "name", "namespace"), "spec.config", ("name",))
-                if cfg.get("kind", "ConfigMap") != "ConfigMap":
-                    raise d.error("spec.config.kind", "must be ConfigMap")
-                key = (str(cfg.get("namespace", ns)), str(cfg["name"]))
-                if key not in config_maps:
-                    raise d.error("spec.config", f"ConfigMap {key[0]}/{key[1]} is not defined")
-                data = config_maps[key]
-            brokers[f"{ns}/{name}"] = BrokerSpec(
-                name,
-                ns,
-                _int_text(d, data, "default.topic.partitions", 10),
-                _int_text(d, data, "default.topic.replication.factor", 1),
-                _delivery(d, spec.get("delivery"), "spec.delivery", ns),
-            )
-        elif kind == "KafkaSink":
-            allowed = ("topic", "bootstrapServers", "contentMode", "numPartitions", "replicationFactor", "auth")
-            spec = _top(d, allowed, ("topic", "bootstrapServers"))
-            mode = spec.get("contentMode", "binary")
-            if mode not in ("binary", "structured"):
-                raise d.error("spec.contentMode", f"{mode!r}: expected binary or structured")
-            sinks[f"{ns}/{name}"] = KafkaSinkSpec(
-                name, ns, str(spec["topic"]), mode, spec.get("numPartitions"), spec.get("replicationFactor")
-            )
-        elif kind == "Trigger":
-            spec = _top(d, ("broker", "brokerRef", "filter", "filters", "subscriber", "delivery"), ("subscriber",))
-            raw_triggers.append((d, spec, ns, annotations))
-        elif kind == "KafkaSource":
-            source_fields = (
-                "bootstrapServers", "topics", "consumerGroup", "initialOffset", "consumers", "ordering",
-                "sink", "delivery", "ceOverrides", "net",
-            )  # fmt: skip
-            raw_sources.append((d, _top(d, source_fields, ("bootstrapServers", "topics", "sink")), ns))
-        else:
-            raise d.error("kind", f"unsupported kind {kind!r} (ConfigMap, Broker, KafkaSource, Trigger, KafkaSink)")
+    def __init__(self, docs: list[_Doc], services: frozenset[str]) -> None:
+        self.docs = docs
+        self.services = services
+        self.config_maps = {
+            (d.namespace, d.name): d.resource.data for d in docs if isinstance(d.resource, schema.ConfigMap)
+        }
+        self.brokers: dict[str, BrokerSpec] = {}
+        self.sinks: dict[str, KafkaSinkSpec] = {}
 
-    services_set = frozenset(services) if services is not None else service_names(knative_dir)
+    def broker(self, d: _Doc, resource: schema.Broker) -> None:
+        broker_class = d.annotations.get(CLASS_ANNOTATION)
+        if broker_class not in ("Kafka", "KafkaNamespaced"):
+            raise d.error(f"metadata.annotations.{CLASS_ANNOTATION}", f"{broker_class!r}: expected Kafka")
+        data: Mapping[str, str] = {}
+        config = resource.spec.config
+        if config is not None:
+            if config.kind != "ConfigMap":
+                raise d.error("spec.config.kind", "must be ConfigMap")
+            key = (config.namespace or d.namespace, config.name)
+            if key not in self.config_maps:
+                raise d.error("spec.config", f"ConfigMap {key[0]}/{key[1]} is not defined")
+            data = self.config_maps[key]
+        self.brokers[f"{d.namespace}/{d.name}"] = BrokerSpec(
+            d.name,
+            d.namespace,
+            _int_text(d, data, "default.topic.partitions", 10),
+            _int_text(d, data, "default.topic.replication.factor", 1),
+            _delivery(d, resource.spec.delivery, "spec.delivery"),
+        )
 
-    def check_destination(d: _Doc, dest: Destination, where: str) -> None:
+    def sink(self, d: _Doc, resource: schema.KafkaSink) -> None:
+        spec = resource.spec
+        self.sinks[f"{d.namespace}/{d.name}"] = KafkaSinkSpec(
+            d.name, d.namespace, spec.topic, spec.contentMode, spec.numPartitions, spec.replicationFactor
+        )
+
+    def check_destination(self, d: _Doc, dest: Destination, where: str) -> None:
         if dest.ref is None:
             return
         key = f"{dest.ref.namespace}/{dest.ref.name}"
@@ -379,81 +314,76 @@ def load(directory: Path, knative_dir: Path | None = None, services: Iterable[st
         if kind == "Service":
             if dest.ref.api_version not in ("", SERVICE_API):
                 raise d.error(where, f"Service apiVersion must be {SERVICE_API}")
-            if dest.ref.name not in services_set:
-                known = ", ".join(sorted(services_set)) or "none"
+            if dest.ref.name not in self.services:
+                known = ", ".join(sorted(self.services)) or "none"
                 raise d.error(where, f"subscriber Service {dest.ref.name!r} does not exist (known: {known})")
         elif kind == "KafkaSink":
-            if key not in sinks:
+            if key not in self.sinks:
                 raise d.error(where, f"KafkaSink {key} is not defined")
         elif kind == "Broker":
-            if key not in brokers:
+            if key not in self.brokers:
                 raise d.error(where, f"Broker {key} is not defined")
         else:
             raise d.error(where, f"unsupported destination kind {kind!r} (Service, KafkaSink, Broker)")
 
-    for broker in brokers.values():
-        if broker.delivery and broker.delivery.dead_letter:
-            check_destination(
-                next(d for d in docs if d.doc["kind"] == "Broker" and d.name == broker.name),
-                broker.delivery.dead_letter,
-                "spec.delivery.deadLetterSink",
-            )
-
-    triggers = []
-    for d, spec, ns, annotations in raw_triggers:
-        broker_name = spec.get("broker")
-        if spec.get("brokerRef") is not None:
-            if broker_name:
-                raise d.error("spec", "set broker or brokerRef, not both")
-            ref = d.fields(spec["brokerRef"], ("apiVersion", "kind", "name", "namespace"), "spec.brokerRef", ("name",))
-            broker_key = f"{ref.get('namespace', ns)}/{ref['name']}"
+    def trigger(self, d: _Doc, resource: schema.Trigger) -> TriggerSpec:
+        spec = resource.spec
+        if spec.brokerRef is not None:
+            broker_key = f"{spec.brokerRef.namespace or d.namespace}/{spec.brokerRef.name}"
         else:
-            broker_key = f"{ns}/{broker_name or 'default'}"
-        if broker_key not in brokers:
+            broker_key = f"{d.namespace}/{spec.broker or 'default'}"
+        if broker_key not in self.brokers:
             raise d.error("spec.broker", f"Broker {broker_key} is not defined")
         try:
-            flt = compile_trigger_filter(spec.get("filter"), spec.get("filters"), "spec")
+            flt = compile_trigger_filter(spec.filter, spec.filters, "spec")
         except FilterError as exc:
             raise d.error("filter", str(exc)) from None
-        subscriber = _destination(d, spec["subscriber"], "spec.subscriber", ns)
-        check_destination(d, subscriber, "spec.subscriber")
-        own = _delivery(d, spec.get("delivery"), "spec.delivery", ns)
-        base = brokers[broker_key].delivery
+        subscriber = _destination(spec.subscriber, d.namespace)
+        self.check_destination(d, subscriber, "spec.subscriber")
+        own = _delivery(d, spec.delivery, "spec.delivery")
+        base = self.brokers[broker_key].delivery
         delivery = own.merged_over(base) if own else (base or Delivery())
         if delivery.dead_letter:
-            check_destination(d, delivery.dead_letter, "spec.delivery.deadLetterSink")
-        ordered = _order(d, annotations.get(ORDER_ANNOTATION), f"metadata.annotations.{ORDER_ANNOTATION}", "unordered")
-        batch = _batch(d, annotations.get(BATCH_ANNOTATION), ordered)
-        triggers.append(TriggerSpec(d.name, ns, brokers[broker_key].name, flt, subscriber, delivery, ordered, batch))
+            self.check_destination(d, delivery.dead_letter, "spec.delivery.deadLetterSink")
+        ordered = _trigger_ordered(d)
+        broker = self.brokers[broker_key].name
+        return TriggerSpec(d.name, d.namespace, broker, flt, subscriber, delivery, ordered, _batch(d, ordered))
 
-    sources = []
-    for d, spec, ns in raw_sources:
-        topics = spec["topics"]
-        if not isinstance(topics, list) or not all(isinstance(t, str) and t for t in topics):
-            raise d.error("spec.topics", "expected a list of topic names")
-        offset = spec.get("initialOffset", "latest")
-        if offset not in ("latest", "earliest"):
-            raise d.error("spec.initialOffset", f"{offset!r}: expected latest or earliest")
-        sink = _destination(d, spec["sink"], "spec.sink", ns)
-        check_destination(d, sink, "spec.sink")
-        overrides = d.fields(spec.get("ceOverrides"), ("extensions",), "spec.ceOverrides")
+    def source(self, d: _Doc, resource: schema.KafkaSource) -> KafkaSourceSpec:
+        spec = resource.spec
+        sink = _destination(spec.sink, d.namespace)
+        self.check_destination(d, sink, "spec.sink")
         default_delivery = Delivery(retry=10, backoff_policy="exponential", backoff_delay_s=0.3, timeout_s=600.0)
-        own = _delivery(d, spec.get("delivery"), "spec.delivery", ns)
-        sources.append(
-            KafkaSourceSpec(
-                d.name,
-                ns,
-                tuple(topics),
-                str(spec.get("consumerGroup") or f"knative-kafka-source-{ns}-{d.name}"),
-                offset,
-                _order(d, spec.get("ordering"), "spec.ordering", "ordered"),
-                sink,
-                own or default_delivery,
-                dict(overrides.get("extensions") or {}),
-            )
+        return KafkaSourceSpec(
+            d.name,
+            d.namespace,
+            tuple(spec.topics),
+            spec.consumerGroup or f"knative-kafka-source-{d.namespace}-{d.name}",
+            spec.initialOffset,
+            spec.ordering == "ordered",
+            sink,
+            _delivery(d, spec.delivery, "spec.delivery") or default_delivery,
+            dict(spec.ceOverrides.extensions) if spec.ceOverrides is not None else {},
         )
 
-    result = EventingSpec(brokers, sinks, sources, triggers, services_set)
+
+def load(directory: Path, knative_dir: Path | None = None, services: Iterable[str] | None = None) -> EventingSpec:
+    """Read, validate and resolve every resource in `directory`. Raises SpecError naming file and field."""
+    docs = _read_docs(directory)
+    resolver = _Resolver(docs, frozenset(services) if services is not None else service_names(knative_dir))
+    for d in docs:
+        if isinstance(d.resource, schema.Broker):
+            resolver.broker(d, d.resource)
+        elif isinstance(d.resource, schema.KafkaSink):
+            resolver.sink(d, d.resource)
+    for d in docs:
+        if isinstance(d.resource, schema.Broker) and d.resource.spec.delivery is not None:
+            delivery = resolver.brokers[f"{d.namespace}/{d.name}"].delivery
+            if delivery is not None and delivery.dead_letter is not None:
+                resolver.check_destination(d, delivery.dead_letter, "spec.delivery.deadLetterSink")
+    triggers = [resolver.trigger(d, d.resource) for d in docs if isinstance(d.resource, schema.Trigger)]
+    sources = [resolver.source(d, d.resource) for d in docs if isinstance(d.resource, schema.KafkaSource)]
+    result = EventingSpec(resolver.brokers, resolver.sinks, sources, triggers, resolver.services)
     check_loops(result)
     return result
 

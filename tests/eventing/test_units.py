@@ -236,3 +236,19 @@ def test_a_triggers_zero_retry_is_not_replaced_by_the_brokers(tmp_path: Path) ->
     assert spec.Delivery(retry=0, backoff_delay_s=0.0).merged_over(spec.Delivery(retry=5, backoff_delay_s=2.0)) == (
         spec.Delivery(retry=0, backoff_delay_s=0.0)
     )
+
+
+def test_every_wrong_field_of_a_document_is_named_at_once(tmp_path: Path) -> None:
+    body = "  subscriber: {uri: http://x/}\n  delivery: {retry: -1, backoffPolicy: wild, timeout: 5s, colour: red}\n"
+    (tmp_path / "e.yaml").write_text(_trigger(body))
+    with pytest.raises(spec.SpecError) as caught:
+        spec.load(tmp_path, services=())
+    message = str(caught.value)
+    assert message.startswith("e.yaml: Trigger/t1: ")
+    for part in (
+        "spec.delivery.retry: Input should be greater than or equal to 0",
+        "spec.delivery.backoffPolicy: Input should be 'linear' or 'exponential'",
+        "spec.delivery.timeout: '5s' is not an ISO-8601 duration",
+        "spec.delivery: unknown field(s) colour",
+    ):
+        assert part in message
