@@ -145,11 +145,16 @@ class Dispatcher:
         ordered: bool = False,
         max_pending: int = 500,
         offset_reset: str = "earliest",
+        lane: Lane | None = None,
+        start_at: dict[TopicPartitionKey, int] | None = None,
     ):
+        """`lane` and `start_at` take over a group from a shared reader: its records in flight stay
+        tracked (and are not delivered again), and the first assignment starts at `start_at`."""
         self.name = name
         self.group_id = group_id
         self.topics = topics
-        self.lane = Lane(name, handle, ordered)
+        self.lane = lane or Lane(name, handle, ordered)
+        self._start_at = dict(start_at or {})
         self.max_pending = max_pending
         self._config = config.consumer(group_id, **{"auto.offset.reset": offset_reset})
         self.assigned = threading.Event()
@@ -196,6 +201,13 @@ class Dispatcher:
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         log.debug("%s: assigned %s", self.name, [(p.topic, p.partition) for p in partitions])
+        if self._start_at:
+            for tp in partitions:
+                offset = self._start_at.pop((tp.topic, tp.partition), None)
+                if offset is not None:
+                    tp.offset = offset
+            self._start_at.clear()  # later assignments (a rebalance) start at the committed offsets
+            consumer.assign(partitions)
         self.assigned.set()
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:

@@ -14,14 +14,14 @@ window, ordered or unordered delivery, and commits only final outcomes (at-least
 - Commits: per member, standalone offset commits under the member's group id (a consumer with that
   `group.id` that never subscribes), every `COMMIT_INTERVAL_S`, up to the oldest unfinished record.
 - Detach (no head-of-line blocking across triggers): the reader never pauses. When a member's
-  in-flight window is full (its subscriber is down or slower than the topic), the member is
-  detached: it stops receiving from the reader, its lane starts nothing more, its position is
-  committed synchronously (per partition: the oldest unfinished record, else the next record it
-  would have got) and its committer closes, so no commit of the shared phase follows. Then it goes
-  on alone as a `Dispatcher` subscribed to its own group, from that committed offset. Records of the
-  shared phase still in flight finish, but their offsets are never committed by the shared phase:
-  the dedicated dispatcher delivers them again (duplicates are possible, losses are not). A detached
-  member stays on its own consumer until the plane restarts.
+  in-flight window is full (its subscriber is down, slow, or at zero and starting), the member is
+  detached: it stops receiving from the reader, its position is committed synchronously (per
+  partition: the oldest unfinished record, else the next record it would have got) and its
+  committer closes. Then it goes on alone as a `Dispatcher` subscribed to its own group that takes
+  over its lane: the records in flight stay tracked and are answered once (not sent again), the
+  dispatcher starts at the next record the member would have got, and its commits still stop at the
+  oldest unfinished record, so a crash delivers again and loses nothing. A detached member stays on
+  its own consumer until the plane restarts.
 """
 
 from __future__ import annotations
@@ -169,16 +169,16 @@ class SharedReader:
     def detach(self, member: Member) -> None:
         """Move `member` onto its own consumer group (see the module docstring). Reader thread only."""
         self.active.remove(member)
-        member.lane.close()
         position = self._position(member)
         if not self._commit(member, position, asynchronous=False):
             log.error("%s: position %s not committed at detach; it resumes from an older one", member.name, position)
         member.committer.close()
         member.committer = None
+        following = {(self.topic, part): offset for part, offset in member.next.items()}
         log.warning(
             "%s: %d record(s) in flight (subscriber down or slow): detached from the shared reader of %s, "
-            "continues on its own consumer from %s",
-            member.name, member.lane.tracker.in_flight, self.topic, position,
+            "continues on its own consumer from %s, its records in flight kept",
+            member.name, member.lane.tracker.in_flight, self.topic, member.next,
         )  # fmt: skip
         member.dedicated = Dispatcher(
             member.name,
@@ -189,6 +189,8 @@ class SharedReader:
             ordered=member.ordered,
             max_pending=member.max_pending,
             offset_reset=member.offset_reset,
+            lane=member.lane,
+            start_at=following,
         )
         member.dedicated.start()
 

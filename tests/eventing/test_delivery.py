@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable
 
 import orjson
+import pytest
 from eventing_helpers import (
     Subscriber,
     collect,
@@ -26,7 +27,9 @@ from eventing_helpers import (
     trigger_yaml,
 )
 
+from shared.eventing import plane as plane_module
 from shared.eventing.broker_process import KafkaConfig, free_port
+from shared.eventing.fanout import SharedReader
 from shared.eventing.ingress import IngressServer
 from shared.eventing.plane import EventPlane
 from shared.eventing.sink import KafkaWriter, TopicTarget
@@ -312,4 +315,39 @@ def test_structured_dead_letter_body_is_json(plane: Plane, kafka: KafkaConfig, n
         envelope = orjson.loads(message.value())
         assert envelope["id"] == event.id and envelope["knativeerrorcode"] == "400"
     finally:
+        sub.stop()
+
+
+def test_a_burst_at_a_cold_subscriber_is_delivered_once(
+    plane: Plane, kafka: KafkaConfig, ns: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst larger than a trigger's in-flight window while its subscriber is still starting (a
+    function at zero): the trigger is detached onto its own consumer and still sends each event once."""
+    monkeypatch.setattr(plane_module, "MAX_PENDING", 20)
+    warm = threading.Event()
+    ok = reply_with("t.result")
+
+    def cold_then_ok(event: Event, attempt: int) -> tuple[int, dict[str, str], bytes]:
+        warm.wait(30)  # every request waits until the "cold start" is over
+        return ok(event, attempt)
+
+    sub = Subscriber(cold_then_ok).start()
+    try:
+        event_plane = plane(spec_yaml(ns, [trigger_yaml("fn", "  filter: {attributes: {type: t.request}}", sub.url),
+                                           trigger_yaml("res", RESULTS, "sink:results")]))  # fmt: skip
+        events = [request("t.request", {"i": i}, key=str(i % 8)) for i in range(200)]
+        produce(kafka, f"{ns}.input", events)
+        (reader,) = [c for c in event_plane.dispatchers if isinstance(c, SharedReader)]
+        deadline = time.monotonic() + 30
+        while not reader.detached and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert [m.name for m in reader.detached] == ["trigger-fn"]
+        warm.set()
+        want = {e.id for e in events}
+        seen = collect(kafka, [f"{ns}.results"], lambda s: want <= ids_of(s[f"{ns}.results"], "requestid"))
+        answered = [str(e.attributes["requestid"]) for e in seen[f"{ns}.results"]]
+        assert set(answered) == want and len(answered) == len(want)  # every result once
+        assert sorted(sub.ids()) == sorted(want)  # every event sent once
+    finally:
+        warm.set()
         sub.stop()
