@@ -253,14 +253,6 @@ class EngineClient:
 
 
 # -- the supervisor (in the gunicorn master) --------------------------------------------------------------
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started it goes away (Linux)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class EngineSupervisor:
@@ -283,7 +275,7 @@ class EngineSupervisor:
         # engine while the workers drain; the supervisor stops it last, and the kernel sends it
         # SIGTERM if the master dies first.
         argv = [sys.executable, "-m", "shared.engine"]
-        self.child = ChildProcess("inference engine", argv, env=self.env, preexec_fn=_die_with_parent).start()
+        self.child = ChildProcess("inference engine", argv, env=self.env).start()
 
     def _watch(self) -> None:
         delay = 0.5

@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 
 class ChildExited(RuntimeError):
@@ -35,15 +35,17 @@ class ChildProcess:
         log: Path | None = None,
         append: bool = False,
         cwd: Path | None = None,
-        preexec_fn: Callable[[], Any] | None = None,
+        die_with_parent: bool = True,
     ) -> None:
+        """`die_with_parent`: the kernel sends the child SIGTERM when the thread that started it
+        ends (Linux PR_SET_PDEATHSIG), so a parent killed with SIGKILL leaves no orphan."""
         self.name = name
         self.argv = [str(a) for a in argv]
         self.env = dict(env) if env is not None else None
         self.log_path = log
         self._append = append
         self.cwd = cwd
-        self._preexec_fn = preexec_fn
+        self._die_with_parent = die_with_parent
         self._log: IO[bytes] | None = None
         self.popen: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
@@ -61,7 +63,7 @@ class ChildProcess:
             stdout=self._log or subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=self._preexec_fn,
+            preexec_fn=_die_with_parent if self._die_with_parent else None,
         )
         return self
 
@@ -140,6 +142,16 @@ class ChildProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the thread that started it goes away (Linux)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_group(pgid: int) -> None:

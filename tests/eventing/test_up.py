@@ -182,3 +182,54 @@ def test_up_reports_a_broker_that_dies_and_exits_1(tmp_path: Path) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        children = []
+        for task in Path(f"/proc/{current}/task").glob("*"):  # a child belongs to the thread that forked it
+            try:
+                children += (task / "children").read_text().split()
+            except OSError:
+                continue
+        for child in map(int, children):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_up_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None:
+    """The broker, the platform and a running function process all end when `up` is SIGKILLed."""
+    if not (ROOT / "models" / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    argv = ["up", "--samples", "1", "--quiet", "--idle-window", "600", "--ingress-port", "0"]
+    process = start_up([*argv, "--state-file", str(tmp_path / "platform.json")])
+    try:
+        out = Output(process)
+        out.wait_for(r"^READY$", 40)
+        out.wait_for(r"^cold start digits-", 40)  # a digits process (gunicorn and its workers) runs
+        children = _descendants(process.pid)
+        commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
+        assert any(b"--listener-url" in c for c in commands) and any(b"platform" in c for c in commands)
+        assert any(b"serve\x00digits" in c for c in commands)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [pid for pid in children if _alive(pid)] == []
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
