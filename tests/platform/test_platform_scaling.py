@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -86,29 +85,6 @@ def test_no_request_lost_at_the_scale_to_zero_boundary(make_platform: Callable[.
     _, body = http_get(platform.gateway_url + "metrics")
     starts = _metric(body.decode(), "onnxfn_platform_process_starts_total", revision=REV, outcome="ok")
     assert starts >= 2, "the idle window never passed between requests"
-
-
-def test_request_while_stopping_is_served_by_a_new_process(
-    make_platform: Callable[..., Platform], knative: Path
-) -> None:
-    write_service(knative)
-    platform = make_platform(idle_window_s=0.3, tick_s=0.02)
-    client = Client(platform.url_for("digits"))
-    assert client.post()[0] == 200
-    stopping = threading.Event()
-
-    def watch() -> None:
-        wait_for(lambda: revision(platform, REV)["stopping"] == 1, 10, "the process to start stopping")
-        stopping.set()
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    watcher.join()
-    assert stopping.is_set()
-    assert client.post()[0] == 200  # arrives while the old process drains: a new one answers
-    client.close()
-    _, body = http_get(platform.gateway_url + "metrics")
-    assert _metric(body.decode(), "onnxfn_platform_process_starts_total", revision=REV, outcome="ok") == 2
 
 
 def test_min_scale_keeps_a_process(make_platform: Callable[..., Platform], knative: Path) -> None:

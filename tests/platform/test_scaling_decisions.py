@@ -9,7 +9,7 @@ import dataclasses
 import itertools
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -139,6 +139,23 @@ async def _min_scale_holds() -> None:
     assert runtime.instances == []
 
 
-@pytest.mark.parametrize("scenario", [_scale_up_then_down, _min_scale_holds])
+async def _request_while_stopping_starts_a_new_process() -> None:
+    clock = Clock()
+    runtime = _runtime(clock)
+    acquired, _ = await runtime.acquire(_deadline())
+    old = cast(FakeInstance, acquired)
+    runtime.release(acquired)
+    clock.now += runtime.idle_window_s + 1
+    runtime.tick()  # out of routing now; its stop has not run yet
+    assert runtime.instances == [] and len(runtime.retiring) == 1 and not old.stopped
+    new, cold = await runtime.acquire(_deadline())
+    assert new is not acquired and cold is new  # a request arriving meanwhile gets a new process
+    await _settle(runtime)
+    assert old.stopped and runtime.instances == [new]
+
+
+@pytest.mark.parametrize(
+    "scenario", [_scale_up_then_down, _min_scale_holds, _request_while_stopping_starts_a_new_process]
+)
 def test_scaling_decisions(scenario: Any) -> None:
     asyncio.run(scenario())
