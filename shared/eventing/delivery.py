@@ -149,11 +149,37 @@ class HttpSubscriber:
         return self._with_retries(lambda: self.attempt(event))
 
     def deliver_batch(self, events: list[Event]) -> list[Outcome]:
-        """Many events in one request, retried as a whole; one outcome per event."""
-        whole = self._with_retries(lambda: self.attempt_batch(events))
-        if whole.ok and whole.each is not None:
-            return whole.each
-        return [dataclasses.replace(whole) for _ in events]
+        """Many events in one request; one outcome per event. What failed retryably (the whole
+        request, or single events answered 429/5xx inside the batched reply) is sent again, only
+        those events, per the delivery spec. Raises Abandoned when the plane stops meanwhile."""
+        outcomes: list[Outcome | None] = [None] * len(events)
+        pending = list(range(len(events)))
+        retries = self.delivery.retry or 0
+        count = 0
+        while True:
+            whole = self.attempt_batch([events[i] for i in pending])
+            count += 1
+            each = whole.each if whole.ok and whole.each is not None else [dataclasses.replace(whole) for _ in pending]
+            again = []
+            for index, outcome in zip(pending, each, strict=True):
+                outcome.attempts = count
+                outcomes[index] = outcome
+                if self.retryable(outcome) and count <= retries:
+                    again.append(index)
+            if not again:
+                return [outcome for outcome in outcomes if outcome is not None]
+            pending = again
+            if self.stopping.wait(self._backoff(count, whole)):
+                raise Abandoned(self.url)
+
+    def _backoff(self, count: int, outcome: Outcome) -> float:
+        """The delay before attempt `count + 1`: the delivery spec's, or a longer Retry-After on 429/503."""
+        delay = self.delivery.delay_s(count)
+        if outcome.status in (429, 503):
+            hinted = retry_after_s(outcome.headers.get("retry-after"))
+            if hinted is not None:
+                delay = max(delay, min(hinted, RETRY_AFTER_MAX_S))
+        return delay
 
     def _with_retries(self, attempt: Callable[[], Outcome]) -> Outcome:
         retries = self.delivery.retry or 0
@@ -164,12 +190,7 @@ class HttpSubscriber:
             outcome.attempts = count
             if not self.retryable(outcome) or count > retries:
                 return outcome
-            delay = self.delivery.delay_s(count)
-            if outcome.status in (429, 503):
-                hinted = retry_after_s(outcome.headers.get("retry-after"))
-                if hinted is not None:
-                    delay = max(delay, min(hinted, RETRY_AFTER_MAX_S))
-            if self.stopping.wait(delay):
+            if self.stopping.wait(self._backoff(count, outcome)):
                 raise Abandoned(self.url)
 
 

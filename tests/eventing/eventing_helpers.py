@@ -45,6 +45,9 @@ class Subscriber:
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
     port: int = 0
+    # For batched delivery: (events, their attempt numbers) -> (status, headers, body).
+    batch_behaviour: Callable[[list[Event], list[int]], tuple[int, dict[str, str], bytes]] | None = None
+    batch_sizes: list[int] = field(default_factory=list)
 
     def start(self, port: int = 0) -> Subscriber:
         outer = self
@@ -57,12 +60,18 @@ class Subscriber:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                _, events = decode_http({k.lower(): v for k, v in self.headers.items()}, body)
-                event = events[0]
+                mode, events = decode_http({k.lower(): v for k, v in self.headers.items()}, body)
                 with outer.lock:
-                    outer.received.append(event)
-                    attempt = outer.attempts[event.id] = outer.attempts.get(event.id, 0) + 1
-                status, headers, payload = outer.behaviour(event, attempt)
+                    outer.received.extend(events)
+                    attempts = [outer.attempts.get(e.id, 0) + 1 for e in events]
+                    outer.attempts.update({e.id: n for e, n in zip(events, attempts, strict=True)})
+                    if mode == "batch":
+                        outer.batch_sizes.append(len(events))
+                if mode == "batch":
+                    assert outer.batch_behaviour is not None, "this subscriber takes one event per request"
+                    status, headers, payload = outer.batch_behaviour(events, attempts)
+                else:
+                    status, headers, payload = outer.behaviour(events[0], attempts[0])
                 self.send_response(status)
                 for name, value in headers.items():
                     self.send_header(name, value)

@@ -33,7 +33,7 @@ from shared.eventing.fanout import SharedReader
 from shared.eventing.ingress import IngressServer
 from shared.eventing.plane import EventPlane
 from shared.eventing.sink import KafkaWriter, TopicTarget
-from shared.events import Event, encode_http
+from shared.events import ERROR_EVENT_TYPE, Event, encode_http, new_event
 
 Plane = Callable[[str], EventPlane]
 RESULTS = "  filter: {attributes: {type: t.result}}"
@@ -350,4 +350,54 @@ def test_a_burst_at_a_cold_subscriber_is_delivered_once(
         assert sorted(sub.ids()) == sorted(want)  # every event sent once
     finally:
         warm.set()
+        sub.stop()
+
+
+def test_batched_delivery_retries_what_failed_retryably_and_dead_letters_the_rest(
+    plane: Plane, kafka: KafkaConfig, ns: str
+) -> None:
+    """A trigger with `onnxfn.dev/delivery.batch`: each event's outcome inside the batched reply
+    counts. A 503 for one event is retried (that event alone), a 400 is dead-lettered with its
+    reason, a batch answered 503 as a whole is sent again, the rest become results."""
+    whole_failed = threading.Event()
+    flaky_failed: set[str] = set()  # flaky events answered 503 once, inside a batched reply
+
+    def batch(events: list[Event], _attempts: list[int]) -> tuple[int, dict[str, str], bytes]:
+        if not whole_failed.is_set():
+            whole_failed.set()
+            return 503, {"Retry-After": "0"}, b"starting"
+        replies = []
+        for event in events:
+            mode = event.data.get("mode")
+            if mode == "poison" or (mode == "flaky" and event.id not in flaky_failed):
+                if mode == "flaky":
+                    flaky_failed.add(event.id)
+                status = 400 if mode == "poison" else 503
+                data = {"status": status, "message": f"{mode} event", "error": "x"}
+                replies.append(new_event(ERROR_EVENT_TYPE, "/fn", data, {"requestid": event.id}))
+            else:
+                replies.append(new_event("t.result", "/fn", {"echo": event.data}, {"requestid": event.id}))
+        headers, body = encode_http("batch", replies)
+        return 200, headers, body
+
+    sub = Subscriber(reply_with("t.result"), batch_behaviour=batch).start()
+    try:
+        annotations = "onnxfn.dev/delivery.batch: '8'"
+        fn = trigger_yaml("fn", "  filter: {attributes: {type: t.request}}", sub.url, annotations=annotations)
+        plane(spec_yaml(ns, [fn, trigger_yaml("res", RESULTS, "sink:results")]))
+        normal = [request("t.request", {"mode": "ok", "i": i}) for i in range(20)]
+        flaky = [request("t.request", {"mode": "flaky"}) for _ in range(2)]
+        poison = request("t.request", {"mode": "poison"})
+        produce(kafka, f"{ns}.input", [*normal, *flaky, poison])
+        good = {e.id for e in normal + flaky}
+        seen = collect(kafka, [f"{ns}.results", f"{ns}.dlq"], _all_reached(ns, good, {poison.id}))
+        results = [str(e.attributes["requestid"]) for e in seen[f"{ns}.results"]]
+        assert set(results) == good and len(results) == len(good)  # each once
+        (dead,) = seen[f"{ns}.dlq"]
+        assert dead.id == poison.id and dead.attributes["knativeerrorcode"] == "400"
+        assert b"poison event" in base64.b64decode(dead.attributes["knativeerrordata"])
+        assert max(sub.batch_sizes) > 1  # delivered in batches
+        assert flaky_failed == {e.id for e in flaky}  # each got its own 503, then was retried
+        assert sub.attempts[poison.id] <= 2  # the whole-batch 503, then its own 400: not retried after
+    finally:
         sub.stop()
