@@ -33,9 +33,9 @@ class KafkaWriter:
     def __init__(self, config: KafkaConfig, **extra: Any):
         from confluent_kafka import Producer
 
-        self._producer = Producer(config.producer(**extra))
         self._stop = threading.Event()
         self.failed: BaseException | None = None
+        self._producer = Producer(config.producer(error_cb=self._on_error, **extra))
         self._thread = threading.Thread(target=self._serve, name="kafka-writer", daemon=True)
         self._thread.start()
 
@@ -47,13 +47,25 @@ class KafkaWriter:
             self.failed = exc
             log.exception("kafka-writer: stopped serving delivery reports")
 
+    def _on_error(self, error: Any) -> None:
+        """librdkafka's error callback: a fatal error (the idempotent producer lost its state, as
+        after UNKNOWN_PRODUCER_ID) ends this writer; every later record would fail."""
+        if error.fatal():
+            self.failed = self.failed or ProduceError(f"fatal producer error: {error.str()}")
+            log.error("kafka-writer: %s; no record can be written any more", error.str())
+        else:
+            log.debug("kafka-writer: %s", error.str())
+
     def health(self) -> Health:
         """Failed when its delivery-report thread raised or ended before `close()`."""
         alive = self._thread.is_alive() or self._stop.is_set()
         return of_thread("kafka-writer", alive, True, self.failed)
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
-        """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails."""
+        """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails.
+        Raises ProduceError once the writer has failed."""
+        if self.failed is not None:
+            raise ProduceError(str(self.failed))
 
         def report(err: Any, _msg: Any) -> None:
             on_acked(None if err is None else ProduceError(f"{topic}: {err.str()}"))

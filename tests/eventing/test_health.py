@@ -112,3 +112,23 @@ def test_a_consumer_that_keeps_failing_is_reported_after_its_restarts(
         assert sub.ids() == []  # nothing was delivered past the broken handler, and nothing committed past it
     finally:
         sub.stop()
+
+
+def test_a_fatal_producer_error_fails_the_writer_and_is_reported(plane: Plane, kafka: KafkaConfig, ns: str) -> None:
+    """librdkafka reports a fatal error (as after UNKNOWN_PRODUCER_ID when the broker restarted):
+    the writer fails, refuses records instead of queueing them forever, and the plane reports it."""
+    from confluent_kafka import KafkaError
+
+    from shared.eventing.sink import ProduceError
+
+    event_plane = plane(_spec(ns, "http://127.0.0.1:9/"))
+    assert event_plane.recover() == [] and event_plane.writer is not None
+    event_plane.writer._on_error(KafkaError(KafkaError._FATAL, "injected: unknown producer id", fatal=True))
+    (problem,) = event_plane.recover()
+    assert problem.startswith("kafka-writer failed") and "unknown producer id" in problem
+    with pytest.raises(ProduceError, match="fatal producer error"):
+        event_plane.writer.produce(f"{ns}.results", None, b"x", [], lambda error: None)
+    status, body = _ingress_health(event_plane)
+    assert status == 503 and any(
+        c["component"] == "kafka-writer" and c["state"] == "failed" for c in body["components"]
+    )
