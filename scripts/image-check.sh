@@ -81,6 +81,7 @@ for target in $TARGETS; do
         fail "the $target target did not build"
     fi
     BUILD_S[$target]=$(printf '%.0f' "$(echo "$(now) - $started" | bc)")
+    say "onnxfn:$target built in ${BUILD_S[$target]} s"
 done
 
 # -- 3. run the cpu image ----------------------------------------------------------------------
@@ -105,7 +106,7 @@ EOF
 )
     "${PODMAN[@]}" rm -f -t 0 onnxfn-check >/dev/null 2>&1 || true
     started=$(now)
-    "${PODMAN[@]}" run -d --name onnxfn-check --read-only --tmpfs /tmp:rw,size=64m --cap-drop ALL \
+    "${PODMAN[@]}" run -d --name onnxfn-check --read-only --tmpfs /tmp:rw,size=64m,mode=1777 --cap-drop ALL \
         --security-opt no-new-privileges --network "ns:/run/netns/$NETNS" \
         --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 \
         -e "ONNXFN_FUNCTION=$function" "onnxfn:cpu" >/dev/null

@@ -105,6 +105,15 @@ def _cache_path(model_path: Path, cache_dir: Path, providers: list[str]) -> Path
     return cache_dir / f"{model_path.stem}-{digest.hexdigest()[:16]}.optimized.onnx"
 
 
+def _writable_dir(path: Path) -> bool:
+    """Create `path` if needed; True when this process can write there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
 class OnnxModel:
     """An onnxruntime session plus its input/output specs."""
 
@@ -131,13 +140,15 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         load_path = model_path
         self.cache_hit = False
+        if cache_dir is not None and not _writable_dir(cache_dir):
+            log.warning("model cache %s cannot be written; loading without the cache", cache_dir)
+            cache_dir = None
         if cache_dir is not None:
             cached = _cache_path(model_path, cache_dir, self.providers)
             if cached.is_file():
                 load_path, self.cache_hit = cached, True
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             else:
-                cache_dir.mkdir(parents=True, exist_ok=True)
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 # Written by onnxruntime at session creation; renamed into place so readers never see half.
                 self._pending_cache: tuple[Path, Path] | None = (
@@ -147,8 +158,18 @@ class OnnxModel:
                 options.optimized_model_filepath = str(self._pending_cache[0])
         else:
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(load_path), sess_options=options, providers=self.providers)
         pending = getattr(self, "_pending_cache", None)
+        try:
+            self.session = ort.InferenceSession(str(load_path), sess_options=options, providers=self.providers)
+        except Exception as exc:
+            if pending is None:
+                raise
+            # Writing the optimised copy failed (a full or read-only cache folder): serve without it.
+            log.warning("cannot write the optimised model to %s (%s); loading without the cache", cache_dir, exc)
+            pending[0].unlink(missing_ok=True)
+            options.optimized_model_filepath = ""
+            pending = None
+            self.session = ort.InferenceSession(str(load_path), sess_options=options, providers=self.providers)
         if pending is not None and pending[0].is_file():
             os.replace(pending[0], pending[1])
         self.providers = self.session.get_providers()

@@ -11,6 +11,21 @@ import pytest
 from shared.model import OnnxModel, choose_providers, gpu_visible
 
 
+@pytest.mark.parametrize("where", ["under a file", "unwritable"])
+def test_a_cache_folder_that_cannot_be_written_does_not_stop_the_model_loading(
+    model_dir: Path, tmp_path: Path, where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A read-only or full /tmp (a container's) must not fail the function: it loads uncached."""
+    (tmp_path / "file").write_text("")
+    # /sys: a folder root may "write" by its mode, where creating a file fails (as on a full disk).
+    cache_dir = tmp_path / "file" / "cache" if where == "under a file" else Path("/sys")
+    with caplog.at_level(logging.WARNING, logger="shared.model"):
+        model = OnnxModel(model_dir / "digits" / "1" / "model.onnx", cache_dir=cache_dir)
+    assert not model.cache_hit and "without the cache" in caplog.text
+    image = np.zeros((1, 1, 8, 8), np.float32)
+    assert model.run({"image": image})["probabilities"].shape == (1, 10)
+
+
 def test_optimised_graph_is_cached_and_gives_the_same_outputs(model_dir: Path, tmp_path: Path) -> None:
     path = model_dir / "digits" / "1" / "model.onnx"
     first = OnnxModel(path, cache_dir=tmp_path)
