@@ -27,10 +27,14 @@ class Health:
         return asdict(self)
 
 
-def of_thread(component: str, alive: bool, ready: bool, failure: BaseException | None) -> Health:
-    """A component run by one thread: failed when it raised or ended, starting until `ready`."""
+def of_thread(
+    component: str, alive: bool, ready: bool, failure: BaseException | None, stalled: str | None = None
+) -> Health:
+    """A component run by one thread: failed when it raised, ended or stalled; starting until `ready`."""
     if failure is not None:
         return Health(component, FAILED, f"{type(failure).__name__}: {failure}")
     if not alive:
         return Health(component, FAILED, "its thread ended")
+    if stalled is not None:
+        return Health(component, FAILED, f"stalled: {stalled}")
     return Health(component, READY if ready else STARTING)

@@ -40,6 +40,52 @@ def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
     return [first, *consumer.consume(num_messages=batch, timeout=0)]
 
 
+STALL_S = 30.0  # behind the topic with nothing fetched (and not paused) this long: stalled
+STALL_CHECK_S = 5.0
+
+
+class StallWatch:
+    """Notices a consumer that stops advancing while its topic grows: records behind it (the
+    broker's high watermark over its position), nothing fetched for `stall_s`, and not paused by
+    its in-flight window. `stalled` then says so with the figures (None while it advances)."""
+
+    def __init__(self, name: str, stall_s: float | None = None) -> None:
+        self.name = name
+        self.stall_s = STALL_S if stall_s is None else stall_s
+        self.last_fetch = time.monotonic()
+        self.last_check = self.last_fetch
+        self.stalled: str | None = None
+
+    def fetched(self, count: int) -> None:
+        if count:
+            self.last_fetch = time.monotonic()
+            self.stalled = None
+
+    def check(self, consumer: Any, partitions: list[Any], paused: bool) -> None:
+        """Call from the consumer loop; asks the broker only every STALL_CHECK_S."""
+        now = time.monotonic()
+        if now - self.last_check < min(STALL_CHECK_S, self.stall_s):
+            return
+        self.last_check = now
+        idle = now - self.last_fetch
+        if paused or idle < self.stall_s or not partitions:
+            return
+        from confluent_kafka import KafkaException
+
+        behind = 0
+        try:
+            for tp in consumer.position(partitions):
+                if tp.offset >= 0:
+                    _, high = consumer.get_watermark_offsets(tp, timeout=2)
+                    behind += max(0, high - tp.offset)
+        except KafkaException as exc:  # the broker does not answer: nothing to conclude now
+            log.debug("%s: no watermarks (%s)", self.name, exc)
+            return
+        if behind and self.stalled is None:
+            self.stalled = f"{behind} record(s) behind the topic, nothing fetched for {idle:.0f} s"
+            log.warning("%s: stalled: %s", self.name, self.stalled)
+
+
 class HandlerFailed(RuntimeError):
     """A record's handler raised: the consumer stops rather than stall on a record never final."""
 
@@ -155,6 +201,7 @@ class Dispatcher:
         self.topics = topics
         self.lane = lane or Lane(name, handle, ordered)
         self._start_at = dict(start_at or {})
+        self.stall = StallWatch(name)
         self.max_pending = max_pending
         self._config = config.consumer(group_id, **{"auto.offset.reset": offset_reset})
         self.assigned = threading.Event()
@@ -178,8 +225,8 @@ class Dispatcher:
         self._thread.start()
 
     def health(self) -> list[Health]:
-        """Ready once it has partitions; failed when its consumer thread raised or ended."""
-        return [of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed)]
+        """Ready once it has partitions; failed when its consumer thread raised or ended, or stalled."""
+        return [of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed, self.stall.stalled)]
 
     def stop(self, drain_s: float = 5.0) -> None:
         """Stop consuming, give in-flight records `drain_s` to finish, commit, leave the group."""
@@ -230,7 +277,10 @@ class Dispatcher:
                 elif paused and pending < self.max_pending // 2:
                     consumer.resume(consumer.assignment())
                     paused = False
-                for message in take(consumer, 0.02 if paused else 0.05):
+                messages = take(consumer, 0.02 if paused else 0.05)
+                self.stall.fetched(len(messages))
+                self.stall.check(consumer, consumer.assignment(), paused)
+                for message in messages:
                     error = message.error()
                     if error is not None:
                         if error.code() != KafkaError._PARTITION_EOF:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.eventing.broker_process import KafkaConfig
-from shared.eventing.dispatcher import COMMIT_INTERVAL_S, Dispatcher, Handler, Lane, take
+from shared.eventing.dispatcher import COMMIT_INTERVAL_S, Dispatcher, Handler, Lane, StallWatch, take
 from shared.health import Health, of_thread
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class SharedReader:
         self._stop = threading.Event()
         self._drain_s = 5.0
         self.failed: BaseException | None = None
+        self.stall = StallWatch(name)
         self._thread = threading.Thread(target=self._run, name=f"fanout-{name}", daemon=True)
 
     def start(self) -> None:
@@ -99,7 +100,7 @@ class SharedReader:
 
     def health(self) -> list[Health]:
         """Its own state, then that of each member that was detached onto a dispatcher of its own."""
-        own = of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed)
+        own = of_thread(self.name, self._thread.is_alive(), self.assigned.is_set(), self.failed, self.stall.stalled)
         return [own, *(h for m in self.members if m.dedicated is not None for h in m.dedicated.health())]
 
     def stop(self, drain_s: float = 5.0) -> None:
@@ -237,7 +238,10 @@ class SharedReader:
             self.assigned.set()
             last_commit = time.monotonic()
             while not self._stop.is_set():
-                self._dispatch(take(consumer, 0.05))
+                messages = take(consumer, 0.05)
+                self.stall.fetched(len(messages))
+                self.stall.check(consumer, consumer.assignment(), paused=False)  # it never pauses
+                self._dispatch(messages)
                 for member in self.members:
                     member.lane.check()
                 now = time.monotonic()

@@ -3,6 +3,7 @@ from its committed offsets so its events still arrive, and reported once it fail
 
 from __future__ import annotations
 
+import re
 import time
 import urllib.error
 import urllib.request
@@ -11,7 +12,17 @@ from typing import Any
 
 import orjson
 import pytest
-from eventing_helpers import Subscriber, collect, ids_of, produce, reply_with, request, spec_yaml, trigger_yaml
+from eventing_helpers import (
+    Subscriber,
+    collect,
+    ids_of,
+    produce,
+    produce_raw,
+    reply_with,
+    request,
+    spec_yaml,
+    trigger_yaml,
+)
 
 from shared.eventing import plane as plane_module
 from shared.eventing.broker_process import KafkaConfig
@@ -132,3 +143,45 @@ def test_a_fatal_producer_error_fails_the_writer_and_is_reported(plane: Plane, k
     assert status == 503 and any(
         c["component"] == "kafka-writer" and c["state"] == "failed" for c in body["components"]
     )
+
+
+def test_a_consumer_that_stops_fetching_while_its_topic_grows_is_reported_stalled(
+    kafka: KafkaConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lag that does not move: records behind the consumer, nothing fetched, not paused -> failed
+    with the figures (and so replaced by the plane's check)."""
+    import uuid
+
+    from shared.eventing import dispatcher as dispatcher_module
+    from shared.eventing.broker_process import ensure_topics
+    from shared.eventing.dispatcher import Dispatcher
+
+    topic = f"stall-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka, {topic: (1, 1)})
+    stuck = False
+    real_take = dispatcher_module.take
+
+    def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
+        return [] if stuck else real_take(consumer, timeout_s, batch)
+
+    monkeypatch.setattr(dispatcher_module, "take", take)
+    seen: list[int] = []
+
+    def handle(message: Any, finish: Callable[[], None]) -> None:
+        seen.append(message.offset())
+        finish()
+
+    consumer = Dispatcher("stuck", kafka, f"g-{topic}", [topic], handle)
+    consumer.stall.stall_s = 0.5
+    consumer.start()
+    try:
+        produce_raw(kafka, topic, [(None, b"a", [])])
+        _wait_for(lambda: seen == [0])
+        _wait_for(lambda: consumer.health()[0].state == "ready")
+        stuck = True  # the fetch stops; the topic grows
+        produce_raw(kafka, topic, [(None, b"b", []), (None, b"c", [])])
+        _wait_for(lambda: consumer.health()[0].failed, timeout_s=15)
+        detail = consumer.health()[0].detail
+        assert re.fullmatch(r"stalled: [12] record\(s\) behind the topic, nothing fetched for \d+ s", detail), detail
+    finally:
+        consumer.stop(drain_s=0)
