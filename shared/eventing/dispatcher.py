@@ -61,14 +61,17 @@ class StallWatch:
             self.last_fetch = time.monotonic()
             self.stalled = None
 
-    def check(self, consumer: Any, partitions: list[Any], paused: bool) -> None:
-        """Call from the consumer loop; asks the broker only every STALL_CHECK_S."""
+    def check(self, consumer: Any, paused: bool) -> None:
+        """Call from the consumer loop; reads its assignment and asks the broker only every STALL_CHECK_S."""
         now = time.monotonic()
         if now - self.last_check < min(STALL_CHECK_S, self.stall_s):
             return
         self.last_check = now
         idle = now - self.last_fetch
-        if paused or idle < self.stall_s or not partitions:
+        if paused or idle < self.stall_s:
+            return
+        partitions = consumer.assignment()
+        if not partitions:
             return
         from confluent_kafka import KafkaException
 
@@ -279,7 +282,7 @@ class Dispatcher:
                     paused = False
                 messages = take(consumer, 0.02 if paused else 0.05)
                 self.stall.fetched(len(messages))
-                self.stall.check(consumer, consumer.assignment(), paused)
+                self.stall.check(consumer, paused)
                 for message in messages:
                     error = message.error()
                     if error is not None:

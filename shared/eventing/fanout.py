@@ -240,7 +240,7 @@ class SharedReader:
             while not self._stop.is_set():
                 messages = take(consumer, 0.05)
                 self.stall.fetched(len(messages))
-                self.stall.check(consumer, consumer.assignment(), paused=False)  # it never pauses
+                self.stall.check(consumer, paused=False)  # it never pauses
                 self._dispatch(messages)
                 for member in self.members:
                     member.lane.check()
