@@ -16,10 +16,13 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from gunicorn.arbiter import Arbiter
+from uvicorn import Server
 from uvicorn_worker import UvicornWorker
 
 from shared.config import Settings
@@ -46,18 +49,40 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # In-flight requests get the graceful timeout (less a margin for the exit itself).
         self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
+        self.stop_signal: int | None = None  # a stop that came before uvicorn took over the signals
+        self.server: Server | None = None
+        self.arbiter_signals: Any = None  # the master's signal queue, as forked (set in post_fork)
 
     def init_signals(self) -> None:
-        """uvicorn drains on SIGTERM/SIGINT, then raises the signal again once it is done; with the
-        default disposition that kills the worker after a clean drain. A no-op handler lets the
-        worker exit 0 instead (uvicorn installs its own handlers while serving)."""
+        """Until uvicorn installs its own handlers (while serving), SIGTERM/SIGINT are remembered:
+        a stop during the model load then ends the worker as soon as it serves, where gunicorn's
+        master would otherwise wait its whole graceful timeout for a worker that swallowed it.
+        After the drain uvicorn raises the signal again; the same handler lets the worker exit 0."""
         super().init_signals()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _drained)
+            signal.signal(sig, self._stop_requested)
+        # Between fork and here the master's own handler was in place: it queued the signal in
+        # this process's copy of the master's queue instead of stopping the worker.
+        while self.arbiter_signals is not None and not self.arbiter_signals.empty():
+            queued = self.arbiter_signals.get_nowait()
+            if queued in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self._stop_requested(queued, None)
 
+    def _stop_requested(self, signum: int, frame: Any) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+        if self.server is not None:
+            self.server.should_exit = True
 
-def _drained(signum: int, frame: Any) -> None:
-    """The re-raised stop signal after the drain: nothing left to do."""
+    async def _serve(self) -> None:
+        self.config.app = self.wsgi
+        self.server = Server(config=self.config)
+        if self.stop_signal is not None:
+            self.server.should_exit = True  # start, then drain at once: nothing is in flight yet
+        self._install_sigquit_handler()
+        await self.server.serve(sockets=self.sockets)
+        if not self.server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,6 +198,7 @@ def serve(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), logging.INFO)
 
     def post_fork(server: Any, worker: Any) -> None:
+        worker.arbiter_signals = server.SIG_QUEUE
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
 
     def child_exit(server: Any, worker: Any) -> None:

@@ -11,6 +11,7 @@ it serves the CPU variant where one exists (`served`); `onnxfn traffic` edits ev
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,6 +82,8 @@ def read_file(path: Path, variant: str | None = None) -> list[ServiceFile]:
         documents = list(yaml.safe_load_all(text))
     except (OSError, yaml.YAMLError) as exc:
         raise SpecError(f"{path}: not readable YAML ({type(exc).__name__}: {exc})") from None
+    if not text.strip():  # a file caught mid-write by a non-atomic editor: never "no Services"
+        raise SpecError(f"{path}: empty file")
     variant = variant or (CPU_VARIANT if path.parent.name == CPU_VARIANT else DEFAULT_VARIANT)
     found = []
     for document in documents:
@@ -93,6 +96,13 @@ def read_file(path: Path, variant: str | None = None) -> list[ServiceFile]:
             raise SpecError(f"{path}: Service/{name}: spec.template is missing")
         found.append(ServiceFile(path, document, text, variant))
     return found
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace a Service file in one step: a platform watching the folder never reads half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def read_all(directory: Path) -> list[ServiceFile]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from shared import service_files
 from shared.render import replace_traffic
-from shared.service_files import CPU_VARIANT, DNS_LABEL, KNATIVE_DIR, ServiceFile
+from shared.service_files import CPU_VARIANT, DNS_LABEL, KNATIVE_DIR, ServiceFile, write_file
 
 LATEST = "@latest"
 FIELD_ORDER = ("tag", "revisionName", "configurationName", "latestRevision", "percent")
@@ -287,6 +287,6 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             sys.stdout.write(f"---\n# {path}\n{text}")
         else:
-            path.write_text(text)
+            write_file(path, text)
             print(f"updated {path}")
     return 0

@@ -366,3 +366,19 @@ def test_sigterm_finishes_requests_in_flight(model_dir: Path) -> None:
     with pytest.raises(requests.ConnectionError):
         requests.get(server.url + "/health/liveness", timeout=2)
     server.stop()
+
+
+def test_sigterm_while_workers_boot_stops_at_once(model_dir: Path) -> None:
+    """A stop that lands while a worker is still starting (a scale-down or a shutdown during a cold
+    start) ends the server in about a second, not after the whole graceful timeout."""
+    env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_GRACEFUL_TIMEOUT": "30", "ONNXFN_WORKERS": "2"}
+    for _ in range(3):  # the second worker is usually still between fork and serving
+        server = FunctionProcess("digits", env=env)
+        deadline = time.monotonic() + 30
+        while not server.worker_pids():
+            assert time.monotonic() < deadline and server.proc.poll() is None
+            time.sleep(0.002)
+        server.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert server.proc.wait(timeout=60) == 0
+        assert time.monotonic() - started < 10

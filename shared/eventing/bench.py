@@ -7,6 +7,10 @@
    arrival on the digits result topic, first at a steady rate, then at full speed.
 
 Prints a table and writes JSON (`--json`).
+
+`--soak SECONDS --rate R`: the pipeline part alone, paced at R events/s for SECONDS, with a line per
+window (`--window`, 30 s): arrivals and their p50/p99 latency, the broker's CPU and RSS, the plane's
+RSS; at the end, how many never arrived and how many arrived more than once.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="steady rate, events/s")
     parser.add_argument("--steady-seconds", type=float, default=15.0, help="duration of the steady phase")
     parser.add_argument("--burst", type=int, default=10_000, help="events in the full-speed phase")
+    parser.add_argument("--soak", type=float, metavar="SECONDS", help="soak at --rate for SECONDS instead")
+    parser.add_argument("--window", type=float, default=30.0, help="soak: seconds per reported window")
     parser.add_argument(
         "--json", type=Path, default=Path("bench-results/bench-events.json"), help="where to write results"
     )
@@ -88,6 +94,8 @@ class Arrivals:
         meta = self.consumer.list_topics(topic, timeout=10)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.topics[topic].partitions])
         self.seen: dict[str, float] = {}
+        self.copies: dict[str, int] = {}  # requestid -> how many results carried it
+        self.order: list[tuple[float, str]] = []  # (arrival, requestid) of first arrivals
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -100,7 +108,11 @@ class Arrivals:
                 now = time.perf_counter()
                 for name, value in message.headers() or ():
                     if name == "ce_requestid" and isinstance(value, bytes):
-                        self.seen.setdefault(value.decode(), now)
+                        request_id = value.decode()
+                        self.copies[request_id] = self.copies.get(request_id, 0) + 1
+                        if request_id not in self.seen:
+                            self.seen[request_id] = now
+                            self.order.append((now, request_id))
         self.consumer.close()
 
     def wait_for(self, ids: list[str], timeout_s: float) -> None:
@@ -167,6 +179,98 @@ def pipeline_phase(producer: Any, arrivals: Arrivals, count: int, rate: float | 
     }
 
 
+def soak(
+    producer: Any,
+    arrivals: Arrivals,
+    seconds: float,
+    rate: float,
+    window_s: float,
+    broker_pid: int | None,
+    plane_pid: int,
+) -> dict[str, Any]:
+    """Produce digits requests at `rate`/s for `seconds`; a line per window while it runs, then wait
+    for the stragglers (until nothing new arrives for 30 s) and count what is missing or doubled."""
+    from shared.bench.hey import tree_cpu_seconds
+    from shared.process import rss_mb
+
+    total = int(seconds * rate)
+    records = _requests(total)
+    sent: dict[str, float] = {}
+    windows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    window_start, seen_until = start, len(arrivals.order)
+    cpu_before = tree_cpu_seconds(broker_pid) if broker_pid else 0.0
+
+    def close_window(now: float) -> None:
+        nonlocal window_start, seen_until, cpu_before
+        arrived = arrivals.order[seen_until:]
+        seen_until += len(arrived)
+        latencies = [(at - sent[i]) * 1000 for at, i in arrived if i in sent]
+        cpu = tree_cpu_seconds(broker_pid) if broker_pid else 0.0
+        row = {
+            "until_s": round(now - start, 1),
+            "sent": sum(1 for t in sent.values() if window_start <= t < now),
+            "arrived": len(arrived),
+            "p50_ms": _percentile(latencies, 50),
+            "p99_ms": _percentile(latencies, 99),
+            "behind": len(sent) - len(arrivals.seen.keys() & sent.keys()),
+            "broker_cpu_pct": 100 * (cpu - cpu_before) / max(now - window_start, 1e-9) if broker_pid else None,
+            "broker_rss_mb": rss_mb(broker_pid) if broker_pid else None,
+            "plane_rss_mb": rss_mb(plane_pid),
+        }
+        windows.append(row)
+        broker = f"broker {row['broker_cpu_pct']:5.1f}% CPU {row['broker_rss_mb']:6.1f} MB  " if broker_pid else ""
+        stalled = "  STALLED: nothing arrived" if row["sent"] and not row["arrived"] else ""
+        print(
+            f"{row['until_s']:7.1f} s  sent {row['sent']:6d}  arrived {row['arrived']:6d}  "
+            f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  behind {row['behind']:6d}  "
+            f"{broker}plane {row['plane_rss_mb']:6.1f} MB{stalled}",
+            flush=True,
+        )
+        window_start, cpu_before = now, cpu
+
+    for index, (event_id, key, value, headers) in enumerate(records):
+        due = start + index / rate
+        while (now := time.perf_counter()) < due:
+            time.sleep(min(due - now, 0.002))
+            producer.poll(0)
+        if now - window_start >= window_s:
+            close_window(now)
+        while True:
+            try:
+                producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.005)
+        sent[event_id] = time.perf_counter()
+    producer.flush(30)
+    close_window(time.perf_counter())
+    print("waiting for what is still on its way ...", flush=True)
+    last_progress, count = time.perf_counter(), len(arrivals.seen)
+    while any(i not in arrivals.seen for i in sent) and time.perf_counter() - last_progress < 30:
+        time.sleep(0.2)
+        if len(arrivals.seen) != count:
+            last_progress, count = time.perf_counter(), len(arrivals.seen)
+    close_window(time.perf_counter())
+    missing = [i for i in sent if i not in arrivals.seen]
+    latencies = [(arrivals.seen[i] - sent[i]) * 1000 for i in sent if i in arrivals.seen]
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "events": total,
+        "arrived": total - len(missing),
+        "lost": len(missing),
+        "lost_ids": missing[:20],
+        "duplicates": sum(arrivals.copies.get(i, 0) - 1 for i in sent if arrivals.copies.get(i, 0) > 1),
+        "p50_ms": _percentile(latencies, 50),
+        "p99_ms": _percentile(latencies, 99),
+        "max_ms": max(latencies, default=float("nan")),
+        "worst_window_p99_ms": max((w["p99_ms"] for w in windows if w["arrived"]), default=float("nan")),
+        "stalled_windows": sum(1 for w in windows if w["sent"] and not w["arrived"]),
+        "windows": windows,
+    }
+
+
 def _start_plane(servers: str) -> Any:
     import subprocess
 
@@ -180,7 +284,50 @@ def _start_plane(servers: str) -> Any:
     raise RuntimeError(f"onnxfn up exited with {process.wait()} before it was ready")
 
 
+def run_soak(args: argparse.Namespace) -> int:
+    """`--soak`: the pipeline at a steady rate for a long time; exit 1 if anything was lost or doubled."""
+    import signal
+
+    import orjson
+    from confluent_kafka import Producer
+
+    from shared.eventing.cliutil import connect
+
+    broker = plane = arrivals = None
+    try:
+        kafka, broker = connect(args.bootstrap_servers)
+        print("starting the event plane and functions (onnxfn up) ...", flush=True)
+        plane = _start_plane(kafka.bootstrap_servers)
+        arrivals = Arrivals(kafka, RESULT_TOPIC)
+        producer = Producer(kafka.producer(**{"linger.ms": 0}))
+        pipeline_phase(producer, arrivals, 300, None)  # warm-up: connections, producer id, caches
+        print(f"soak: {args.rate:.0f} digits events/s for {args.soak:.0f} s, a line per {args.window:.0f} s")
+        broker_pid = broker.child.pid if broker is not None and broker.child is not None else None
+        report = soak(producer, arrivals, args.soak, args.rate, args.window, broker_pid, plane.pid)
+    finally:
+        if arrivals is not None:
+            arrivals.stop()
+        if plane is not None:
+            plane.send_signal(signal.SIGTERM)
+            plane.wait(timeout=60)
+        if broker is not None:
+            broker.stop()
+    print(
+        f"\nsoak {report['events']} events: lost {report['lost']}, duplicates {report['duplicates']}, "
+        f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms, worst window p99 "
+        f"{report['worst_window_p99_ms']:.1f} ms, stalled windows {report['stalled_windows']}"
+    )
+    report["broker"] = "embedded Tansu" if broker else kafka.bootstrap_servers
+    path = args.json.with_name(args.json.stem + "-soak.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    print(f"wrote {path}")
+    return 0 if report["lost"] == 0 and report["duplicates"] == 0 else 1
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.soak:
+        return run_soak(args)
     import os
     import platform
     import signal

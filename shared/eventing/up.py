@@ -26,6 +26,7 @@ from shared.eventing.cliutil import add_bootstrap
 from shared.health import FAILED, READY, Health
 from shared.platform.cli import add_scaling_arguments
 from shared.platform.platform import default_state_file, plane_state_file
+from shared.stop_signal import StopSignal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -231,7 +232,6 @@ def process_health(broker: Any, platform: Any) -> list[Health]:
 
 def run(args: argparse.Namespace) -> int:
     import logging
-    import signal
 
     from shared.eventing import spec
     from shared.eventing.cliutil import connect, parse_extensions
@@ -245,9 +245,7 @@ def run(args: argparse.Namespace) -> int:
     except spec.SpecError as exc:
         print(f"up: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopSignal().install()
 
     broker = None
     plane_state = plane_state_file(args.state_file)

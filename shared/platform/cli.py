@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from pathlib import Path
 
 from shared.config import PROJECT_ROOT
 from shared.platform.platform import Platform, PlatformOptions, default_state_file
 from shared.platform.revision import ScalingOptions
+from shared.stop_signal import StopSignal
 
 
 def add_scaling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     platform = Platform(options)
     platform.start()
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    done = StopSignal().install()
     print(f"gateway {platform.gateway_url} (Host routing; /metrics /status /healthz)", flush=True)
     for service in platform.status()["services"]:
         print(f"{service['name']:<12} {service['url']}", flush=True)

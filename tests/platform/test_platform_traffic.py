@@ -11,6 +11,7 @@ from platform_helpers import Client, revision, wait_for, write_service
 
 from functions.digits.build import MIN_INT8_ACCURACY, compare_versions
 from shared.platform import Platform
+from shared.service_files import write_file
 from shared.traffic import update_file
 
 CANARY = [
@@ -71,9 +72,9 @@ def test_traffic_change_under_load_loses_nothing(make_platform: Callable[..., Pl
     try:
         wait_for(seen("1"), 30, "v1 answering")
         # What `onnxfn traffic digits --dir <dir> digits-v2-cpu=100 --tag digits-v2-cpu=candidate` writes.
-        path.write_text(update_file(path, ["digits-v2-cpu=100"], ["digits-v2-cpu=candidate"], []))
+        write_file(path, update_file(path, ["digits-v2-cpu=100"], ["digits-v2-cpu=candidate"], []))
         wait_for(lambda: seen("2")() and not any(v == "1" for _, v in results[-20:]), 30, "v2 taking all traffic")
-        path.write_text(update_file(path, ["current=50", "candidate=50"], [], []))
+        write_file(path, update_file(path, ["current=50", "candidate=50"], [], []))
         wait_for(seen("1"), 30, "v1 back in the split")
     finally:
         stop.set()

@@ -109,6 +109,9 @@ def test_unreadable_and_missing_service_files(tmp_path: Path) -> None:
     (tmp_path / "service-broken.yaml").write_text("kind: Service\nmetadata: {name: Bad_Name}\nspec: {template: {}}\n")
     with pytest.raises(SpecError, match="'Bad_Name' is not a DNS-1035 label"):
         service_files.served(tmp_path)
+    (tmp_path / "service-broken.yaml").write_text("")  # caught between truncate and write
+    with pytest.raises(SpecError, match=r"service-broken\.yaml: empty file"):
+        service_files.served(tmp_path)
     (tmp_path / "service-broken.yaml").unlink()
     with pytest.raises(SpecError, match="no Service file for nothere"):
         service_files.served(tmp_path, ["nothere"])
