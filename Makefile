@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models run test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
+.PHONY: setup models run test fault-test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ pytest: models
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The fault, burst and crash tests alone (they are also part of make test).
+fault-test: models
+	$(BIN)/pytest -q -m fault
 
 # The benchmarks load the servers with hey (Debian's package), an outside load generator.
 hey:

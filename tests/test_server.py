@@ -212,6 +212,7 @@ def test_get_on_event_endpoint_is_405(digits: FunctionProcess) -> None:
     assert requests.get(digits.url + "/", timeout=5).status_code == 405
 
 
+@pytest.mark.fault
 def test_inference_failure_is_500_and_worker_survives(model_dir: Path) -> None:
     env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_WORKERS": "1"}
     with FunctionProcess("tests.fixtures.faulty", env=env) as server:
@@ -226,6 +227,7 @@ def test_inference_failure_is_500_and_worker_survives(model_dir: Path) -> None:
         assert ok.status_code == 200
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("engine", ["per-worker", "shared"])
 def test_full_queue_gets_429_with_retry_after(model_dir: Path, engine: str) -> None:
     env = {
@@ -318,6 +320,7 @@ def test_concurrent_requests_are_batched_and_metrics_add_up_across_workers(
     assert after['onnxfn_model_load_seconds_count{function="digits"}'] == 2  # one load per worker
 
 
+@pytest.mark.fault
 def test_sigterm_finishes_requests_in_flight(model_dir: Path) -> None:
     env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_GRACEFUL_TIMEOUT": "30"}
     server = FunctionProcess("embed", env=env)
@@ -368,6 +371,7 @@ def test_sigterm_finishes_requests_in_flight(model_dir: Path) -> None:
     server.stop()
 
 
+@pytest.mark.fault
 def test_sigterm_while_workers_boot_stops_at_once(model_dir: Path) -> None:
     """A stop that lands while a worker is still starting (a scale-down or a shutdown during a cold
     start) ends the server in about a second, not after the whole graceful timeout."""

@@ -78,6 +78,7 @@ class EventPlane:
         self.dispatchers: list[Consumer] = []
         self._factories: dict[str, Callable[[], Consumer]] = {}
         self.restarts: dict[str, int] = {}
+        self.last_failure: dict[str, str] = {}  # consumer name -> why it was last replaced
         # Components outside the plane that `health()` reports too (`up`: the broker, the platform).
         self.health_sources: list[Callable[[], list[Health]]] = []
         self.senders: dict[str, Sender] = {}
@@ -228,7 +229,12 @@ class EventPlane:
     def health(self) -> list[Health]:
         """Every long-lived component: the consumer groups (with their restarts), the writer, the ingress."""
         found = [
-            replace(h, restarts=self.restarts.get(h.component, 0))
+            replace(
+                h,
+                restarts=self.restarts.get(h.component, 0),
+                detail=h.detail
+                or (f"replaced after: {self.last_failure[h.component]}" if h.component in self.last_failure else ""),
+            )
             for consumer in self.dispatchers
             for h in consumer.health()
         ]
@@ -263,6 +269,7 @@ class EventPlane:
             replacement.start()
             self.dispatchers[index] = replacement
             self.restarts[consumer.name] = done + 1
+            self.last_failure[consumer.name] = reason
         others = [sender.health() for sender in self.senders.values()]
         others += [self.writer.health()] if self.writer is not None else []
         others += [self.ingress.own_health()] if self.ingress is not None else []

@@ -318,6 +318,7 @@ def test_structured_dead_letter_body_is_json(plane: Plane, kafka: KafkaConfig, n
         sub.stop()
 
 
+@pytest.mark.fault
 def test_a_burst_at_a_cold_subscriber_is_delivered_once(
     plane: Plane, kafka: KafkaConfig, ns: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -353,6 +354,7 @@ def test_a_burst_at_a_cold_subscriber_is_delivered_once(
         sub.stop()
 
 
+@pytest.mark.fault
 def test_batched_delivery_retries_what_failed_retryably_and_dead_letters_the_rest(
     plane: Plane, kafka: KafkaConfig, ns: str
 ) -> None:

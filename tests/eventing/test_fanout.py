@@ -9,6 +9,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from shared.eventing.broker_process import KafkaConfig, ensure_topics
 from shared.eventing.dispatcher import Finish
 from shared.eventing.fanout import Member, SharedReader, start_positions
@@ -138,6 +140,7 @@ def test_each_member_starts_at_its_own_offset_and_commits_under_its_own_group(ka
     assert reader.failed is None
 
 
+@pytest.mark.fault
 def test_a_member_whose_window_is_full_is_detached_and_gets_each_record_once(kafka: KafkaConfig) -> None:
     topic = _topic(kafka, partitions=1, per_partition=12)
     prefix = uuid.uuid4().hex[:8]

@@ -31,6 +31,9 @@ from shared.eventing.trigger import TriggerHandler
 from shared.health import Health
 
 Plane = Callable[[str], EventPlane]
+pytestmark = pytest.mark.fault
+
+
 RESULTS = "  filter: {attributes: {type: t.result}}"
 
 

@@ -127,6 +127,7 @@ def _start_plane(directory: Path, kafka: KafkaConfig) -> subprocess.Popen[str]:
     return process
 
 
+@pytest.mark.fault
 def test_plane_killed_mid_stream_and_restarted_loses_nothing(kafka: KafkaConfig, ns: str, tmp_path: Path) -> None:
     received = threading.Semaphore(0)
     ok = reply_with("t.result")

@@ -209,6 +209,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.fault
 def test_up_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None:
     """The broker, the platform and a running function process all end when `up` is SIGKILLed."""
     if not (ROOT / "models" / "digits").is_dir():
