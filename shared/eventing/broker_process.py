@@ -51,6 +51,9 @@ class KafkaConfig:
             "heartbeat.interval.ms": 1000,
             "fetch.wait.max.ms": 10,
             "isolation.level": "read_committed",
+            # A rebalance moves only the partitions that must move: the others keep their records
+            # in flight and their retries (an eager rebalance revokes all, and each is fetched again).
+            "partition.assignment.strategy": "cooperative-sticky",
             **self.client,
             **extra,
         }

@@ -250,6 +250,7 @@ class Dispatcher:
             log.warning("%s: commit failed (%s); the records will be delivered again", self.name, exc)
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Cooperative-sticky: `partitions` are only the ones added; those it keeps are untouched."""
         log.debug("%s: assigned %s", self.name, [(p.topic, p.partition) for p in partitions])
         if self._start_at:
             for tp in partitions:
@@ -257,19 +258,25 @@ class Dispatcher:
                 if offset is not None:
                     tp.offset = offset
             self._start_at.clear()  # later assignments (a rebalance) start at the committed offsets
-            consumer.assign(partitions)
+            consumer.incremental_assign(partitions)
         self.assigned.set()
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        """Only the partitions that move: commit what is final of them, forget their records."""
         tps = [(p.topic, p.partition) for p in partitions]
         self._commit(consumer, self.lane.drop(tps), asynchronous=False)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        """Taken away without a revoke (session expired): another member owns them; no commit."""
+        dropped = self.lane.drop([(p.topic, p.partition) for p in partitions])
+        log.warning("%s: lost partitions %s; their records in flight may be delivered again", self.name, list(dropped))
 
     def _run(self) -> None:
         from confluent_kafka import Consumer, KafkaError
 
         consumer = Consumer(self._config)
         try:
-            consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+            consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
             paused = False
             last_commit = time.monotonic()
             while not self._stop.is_set():
