@@ -260,6 +260,20 @@ def test_full_queue_gets_429_with_retry_after(model_dir: Path, engine: str) -> N
         assert refused, [r.status_code for r in responses]  # 16 at once against a queue of one
         assert refused[0].headers["Retry-After"] == "1"
         assert "queue full" in refused[0].json()["message"]
+        # A batched request larger than the whole queue is let in once its first event fits: a 429
+        # for it would be retried forever and never succeed.
+        batch = [
+            {"specversion": "1.0", "id": f"b{i}", "source": "/tests", "type": "dev.onnxfn.embed.request",
+             "data": {"text": f"{i} {text}"}}
+            for i in range(64)
+        ]  # fmt: skip
+        whole = requests.post(
+            server.url, data=orjson.dumps(batch), headers={"Content-Type": "application/cloudevents-batch+json"},
+            timeout=60,
+        )  # fmt: skip
+        assert whole.status_code == 200, whole.text
+        assert [r["requestid"] for r in whole.json()] == [e["id"] for e in batch]
+        assert {r["type"] for r in whole.json()} == {"dev.onnxfn.embed.result"}
 
 
 def test_not_ready_until_model_arrives_in_every_worker(model_dir: Path, tmp_path: Path) -> None:
