@@ -172,3 +172,53 @@ def test_plane_killed_mid_stream_and_restarted_loses_nothing(kafka: KafkaConfig,
         if first.poll() is None:
             first.kill()
         sub.stop()
+
+
+@pytest.mark.fault
+def test_function_killed_and_frozen_mid_stream_delivers_each_event_once(kafka: KafkaConfig, tmp_path: Path) -> None:
+    """A digits worker SIGKILLed and then the whole function SIGSTOPped for 2 s while events flow:
+    the failed deliveries are retried, every event gets exactly one result, none is dead-lettered."""
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    processes = start_functions(["digits", "postprocess"], tmp_path / "logs", timeout_s=120)
+    stand_in = Subscriber(reply_with("dev.onnxfn.embed.result")).start()
+    loaded = spec.load(ROOT / "eventing", services=("digits", "embed", "postprocess"))
+    urls = {"digits": processes["digits"].url, "postprocess": processes["postprocess"].url, "embed": stand_in.url}
+    plane = EventPlane(loaded, kafka, urls)
+    plane.start()
+    digits = processes["digits"]
+    try:
+        images = _digits_images(20)
+        events = [
+            request("dev.onnxfn.digits.request", {"image": images[i % len(images)][0]}, key=f"k{i}") for i in range(300)
+        ]
+        faults_done = threading.Event()
+
+        def faults() -> None:
+            time.sleep(1.0)  # the stream is flowing (a paced producer, 100 events/s)
+            os.kill(digits.worker_pids()[0], signal.SIGKILL)  # gunicorn starts another worker
+            time.sleep(0.5)
+            os.killpg(digits.proc.pid, signal.SIGSTOP)  # master and workers frozen
+            time.sleep(2.0)
+            os.killpg(digits.proc.pid, signal.SIGCONT)
+            faults_done.set()
+
+        injector = threading.Thread(target=faults)
+        injector.start()
+        for i in range(0, len(events), 10):
+            produce(kafka, "onnxfn.input", events[i : i + 10])
+            time.sleep(0.1)
+        injector.join()
+        assert faults_done.is_set()
+        want = {e.id for e in events}
+        topics = ["onnxfn.digits.results", "onnxfn.dead-letter"]
+        seen = collect(kafka, topics, lambda s: want <= ids_of(s["onnxfn.digits.results"], "requestid"), 90)
+        results = [e.get("requestid") for e in seen["onnxfn.digits.results"] if e.get("requestid") in want]
+        assert set(results) == want
+        assert len(results) == len(want), f"{len(results) - len(want)} duplicate results"
+        assert not want & ids_of(seen["onnxfn.dead-letter"])
+    finally:
+        plane.stop()
+        stand_in.stop()
+        for process in processes.values():
+            process.stop()
