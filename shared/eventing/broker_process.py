@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,34 @@ from shared.supervisor import ChildProcess
 
 log = logging.getLogger(__name__)
 ENV_PREFIX = "ONNXFN_KAFKA_"
+REPEAT_S = 30.0  # a librdkafka message that only differs in numbers is logged once per this long
+
+
+class QuietRepeats(logging.Filter):
+    """Lets one of each kind of librdkafka message through per REPEAT_S (with every client of the
+    plane retrying a broker that is down, librdkafka logs ~200 near-identical lines a second);
+    the next one that passes says how many were held back."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        kind = re.sub(r"rdkafka#\w+-\d+|\d+", "#", record.getMessage())
+        now = self._clock()
+        shown_at, held = self._last.get(kind, (float("-inf"), 0))
+        if now - shown_at < REPEAT_S:
+            self._last[kind] = (shown_at, held + 1)
+            return False
+        if held:
+            record.msg, record.args = f"{record.getMessage()} ({held} like it in the last {REPEAT_S:.0f} s)", ()
+        self._last[kind] = (now, 0)
+        return True
+
+
+KAFKA_LOG = logging.getLogger("shared.kafka")
+KAFKA_LOG.addFilter(QuietRepeats())
 
 
 @dataclass(frozen=True)
@@ -37,6 +67,7 @@ class KafkaConfig:
             "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 5,
+            "logger": KAFKA_LOG,
             **self.client,
             **extra,
         }
@@ -54,12 +85,13 @@ class KafkaConfig:
             # A rebalance moves only the partitions that must move: the others keep their records
             # in flight and their retries (an eager rebalance revokes all, and each is fetched again).
             "partition.assignment.strategy": "cooperative-sticky",
+            "logger": KAFKA_LOG,
             **self.client,
             **extra,
         }
 
     def admin(self) -> dict[str, Any]:
-        return {"bootstrap.servers": self.bootstrap_servers, **self.client}
+        return {"bootstrap.servers": self.bootstrap_servers, "logger": KAFKA_LOG, **self.client}
 
 
 def client_settings(env: Mapping[str, str]) -> dict[str, str]:

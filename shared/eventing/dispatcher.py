@@ -269,7 +269,10 @@ class Dispatcher:
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         """Taken away without a revoke (session expired): another member owns them; no commit."""
         dropped = self.lane.drop([(p.topic, p.partition) for p in partitions])
-        log.warning("%s: lost partitions %s; their records in flight may be delivered again", self.name, list(dropped))
+        if dropped:
+            log.warning(
+                "%s: lost partitions %s; their records in flight may be delivered again", self.name, list(dropped)
+            )
 
     def _run(self) -> None:
         from confluent_kafka import Consumer, KafkaError

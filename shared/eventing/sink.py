@@ -17,10 +17,12 @@ from typing import Any
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.kafka_binding import Headers, to_record
 from shared.events import Event
-from shared.health import Health, of_thread
+from shared.health import FAILED, Health, of_thread
 
 log = logging.getLogger(__name__)
 Acked = Callable[[Exception | None], None]
+UNREACHABLE_S = 10.0  # no broker answering for this long fails the writer (and `up` exits 1)
+PROBE_EVERY_S = 5.0  # how often health() asks a broker for metadata while all looks well
 
 
 class ProduceError(RuntimeError):
@@ -35,6 +37,9 @@ class KafkaWriter:
 
         self._stop = threading.Event()
         self.failed: BaseException | None = None
+        self._unreachable_since: float | None = None  # set by ALL_BROKERS_DOWN or a failed probe
+        self._probed_at = time.monotonic()
+        self._last_topic: str | None = None  # what the probe asks about (not the whole cluster)
         self._producer = Producer(config.producer(error_cb=self._on_error, **extra))
         self._thread = threading.Thread(target=self._serve, name="kafka-writer", daemon=True)
         self._thread.start()
@@ -50,16 +55,54 @@ class KafkaWriter:
     def _on_error(self, error: Any) -> None:
         """librdkafka's error callback: a fatal error (the idempotent producer lost its state, as
         after UNKNOWN_PRODUCER_ID) ends this writer; every later record would fail."""
+        from confluent_kafka import KafkaError
+
         if error.fatal():
             self.failed = self.failed or ProduceError(f"fatal producer error: {error.str()}")
             log.error("kafka-writer: %s; no record can be written any more", error.str())
+        elif error.code() == KafkaError._ALL_BROKERS_DOWN:
+            if self._unreachable_since is None:
+                self._unreachable_since = time.monotonic()
+                log.warning("kafka-writer: no broker reachable (%s)", error.str())
         else:
             log.debug("kafka-writer: %s", error.str())
 
+    @property
+    def unreachable(self) -> bool:
+        """Every broker was down at the last look (a probe clears it once one answers)."""
+        return self._unreachable_since is not None
+
+    def _probe(self) -> float | None:
+        """Seconds without a reachable broker, None while one answers: a metadata request every
+        PROBE_EVERY_S (or at once after ALL_BROKERS_DOWN), which an idle writer needs to notice."""
+        from confluent_kafka import KafkaException
+
+        now = time.monotonic()
+        if self._unreachable_since is None and now - self._probed_at < PROBE_EVERY_S:
+            return None
+        self._probed_at = now
+        try:
+            self._producer.list_topics(topic=self._last_topic, timeout=1.0)
+        except KafkaException as exc:
+            if self._unreachable_since is None:
+                self._unreachable_since = now
+                log.warning("kafka-writer: no broker reachable (%s)", exc)
+            return now - self._unreachable_since
+        if self._unreachable_since is not None:
+            log.warning("kafka-writer: a broker answers again after %.1f s", now - self._unreachable_since)
+        self._unreachable_since = None
+        return None
+
     def health(self) -> Health:
-        """Failed when its delivery-report thread raised or ended before `close()`."""
+        """Failed when its delivery-report thread raised or ended before `close()`, or when no
+        broker has answered for UNREACHABLE_S."""
         alive = self._thread.is_alive() or self._stop.is_set()
-        return of_thread("kafka-writer", alive, True, self.failed)
+        found = of_thread("kafka-writer", alive, True, self.failed)
+        down_s = None if found.failed or self._stop.is_set() else self._probe()
+        if down_s is not None:
+            detail = f"no broker reachable for {down_s:.0f} s"
+            return Health("kafka-writer", FAILED if down_s >= UNREACHABLE_S else found.state, detail)
+        return found
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
         """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails.
@@ -70,6 +113,7 @@ class KafkaWriter:
         def report(err: Any, _msg: Any) -> None:
             on_acked(None if err is None else ProduceError(f"{topic}: {err.str()}"))
 
+        self._last_topic = topic
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
@@ -82,9 +126,14 @@ class KafkaWriter:
         return remaining
 
     def close(self, timeout_s: float = 10.0) -> None:
-        left = self.flush(timeout_s)
+        """Flush (briefly when no broker is reachable), then stop; what is left is said loudly."""
+        left = self.flush(1.0 if self.unreachable else timeout_s)
         if left:
-            log.warning("%d record(s) not acknowledged at shutdown", left)
+            # Their input records are not committed either, so they are read and written again on
+            # the next start; purged here so that close() does not wait out message.timeout.ms.
+            log.error("kafka-writer: %d record(s) not acknowledged at shutdown: not written", left)
+            self._producer.purge()
+            self._producer.poll(0)
         self._stop.set()
         self._thread.join(timeout=2)
         self._producer.close()

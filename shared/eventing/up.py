@@ -233,6 +233,8 @@ def process_health(broker: Any, platform: Any) -> list[Health]:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from confluent_kafka import KafkaException
+
     from shared.eventing import spec
     from shared.eventing.cliutil import connect, parse_extensions
     from shared.eventing.plane import EventPlane, PlaneOptions
@@ -281,12 +283,12 @@ def run(args: argparse.Namespace) -> int:
         sinks = sorted(s.topic for s in loaded.sinks.values())
         print(f"input topics:    {', '.join(inputs)}")
         print(f"result topics:   {', '.join(sinks)}")
-        print("READY", flush=True)
         if platform is not None:
             watcher = ScaleWatcher(platform.status).start()
         if not args.quiet:
             printer = ResultPrinter(kafka, sinks)
             printer.start()
+        print("READY", flush=True)
         if args.samples and inputs:
             events = sample_events(entry_functions(loaded), args.samples)
             writer = KafkaWriter(kafka)
@@ -302,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
                 exit_code = 1
                 break
         print("shutting down ...", flush=True)
-    except (RuntimeError, ValueError, OSError) as exc:
+    except (RuntimeError, ValueError, OSError, KafkaException) as exc:
         hint = ""
         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
             hint = f" (broker ingress port {args.ingress_port} is taken: pass --ingress-port 0 for any free port)"

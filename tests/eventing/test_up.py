@@ -3,6 +3,7 @@ stream answered through cold starts, back to zero after the idle window, a clean
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -234,6 +235,34 @@ def test_up_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None
         left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children if _alive(pid)}
         assert left == {}
     finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.mark.fault
+def test_up_on_a_cluster_whose_broker_dies_says_so_and_exits_1(tmp_path: Path) -> None:
+    """An existing cluster (here a broker `up` did not start) that goes away: `up` reports the
+    writer failed after UNREACHABLE_S and exits 1, without flooding its output with librdkafka's
+    reconnect lines, and names the records it could not write."""
+    from shared.eventing.broker_process import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    servers = broker.start().bootstrap_servers
+    argv = ["up", "--bootstrap-servers", servers, "--samples", "0", "--ingress-port", "0"]
+    process = start_up([*argv, "--state-file", str(tmp_path / "platform.json")])
+    try:
+        out = Output(process)
+        out.wait_for(r"^READY$", 40)
+        before = len(out.lines)
+        broker.stop()
+        out.wait_for(r"^up: kafka-writer failed \(no broker reachable for \d+ s\): stopping everything$", 40)
+        assert process.wait(timeout=30) == 1
+        with contextlib.suppress(AssertionError):
+            out.wait_for(r"^never printed$", 1)  # read the rest of the output
+        assert len(out.lines) - before < 60, "\n".join(out.lines[before:])
+    finally:
+        broker.stop()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
