@@ -141,6 +141,24 @@ def _requests(count: int) -> list[tuple[str, bytes | None, bytes | None, Any]]:
     return out
 
 
+def _wait_until(producer: Any, due: float) -> float:
+    """Serve the producer's callbacks until `due` (perf_counter); returns the time then."""
+    while (now := time.perf_counter()) < due:
+        time.sleep(min(due - now, 0.002))
+        producer.poll(0)
+    return now
+
+
+def _produce(producer: Any, key: bytes | None, value: bytes | None, headers: Any) -> None:
+    """One record to the input topic, waiting while the producer's queue is full."""
+    while True:
+        try:
+            producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
+            return
+        except BufferError:
+            producer.poll(0.005)
+
+
 def pipeline_phase(producer: Any, arrivals: Arrivals, count: int, rate: float | None) -> dict[str, float]:
     """Produce `count` digits requests (paced at `rate`/s, or as fast as possible) and measure them.
     The producer is created (and its idempotent-producer handshake done) before, not in the timing."""
@@ -149,16 +167,8 @@ def pipeline_phase(producer: Any, arrivals: Arrivals, count: int, rate: float | 
     start = time.perf_counter()
     for index, (event_id, key, value, headers) in enumerate(records):
         if rate:
-            due = start + index / rate
-            while (now := time.perf_counter()) < due:
-                time.sleep(min(due - now, 0.002))
-                producer.poll(0)
-        while True:
-            try:
-                producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.005)
+            _wait_until(producer, start + index / rate)
+        _produce(producer, key, value, headers)
         sent[event_id] = time.perf_counter()
         producer.poll(0)
     producer.flush(30)
@@ -230,18 +240,10 @@ def soak(
         window_start, cpu_before = now, cpu
 
     for index, (event_id, key, value, headers) in enumerate(records):
-        due = start + index / rate
-        while (now := time.perf_counter()) < due:
-            time.sleep(min(due - now, 0.002))
-            producer.poll(0)
+        now = _wait_until(producer, start + index / rate)
         if now - window_start >= window_s:
             close_window(now)
-        while True:
-            try:
-                producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
-                break
-            except BufferError:
-                producer.poll(0.005)
+        _produce(producer, key, value, headers)
         sent[event_id] = time.perf_counter()
     producer.flush(30)
     close_window(time.perf_counter())
