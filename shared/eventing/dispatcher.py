@@ -296,7 +296,9 @@ class Dispatcher:
                 for message in messages:
                     error = message.error()
                     if error is not None:
-                        if error.code() != KafkaError._PARTITION_EOF:
+                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                            log.error("%s: %s (the broker lost records, or they expired)", self.name, error.str())
+                        elif error.code() != KafkaError._PARTITION_EOF:
                             log.warning("%s: consumer error: %s", self.name, error.str())
                         continue
                     self.lane.accept(message)
