@@ -49,7 +49,7 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         # In-flight requests get the graceful timeout (less a margin for the exit itself).
         self.config.timeout_graceful_shutdown = max(1, self.cfg.graceful_timeout - 1)
-        self.stop_signal: int | None = None  # a stop that came before uvicorn took over the signals
+        self.stopping = False  # a stop came before uvicorn took over the signals
         self.server: Server | None = None
         self.arbiter_signals: Any = None  # the master's signal queue, as forked (set in post_fork)
 
@@ -69,15 +69,14 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
                 self._stop_requested(queued, None)
 
     def _stop_requested(self, signum: int, frame: Any) -> None:
-        if self.stop_signal is None:
-            self.stop_signal = signum
+        self.stopping = True
         if self.server is not None:
             self.server.should_exit = True
 
     async def _serve(self) -> None:
         self.config.app = self.wsgi
         self.server = Server(config=self.config)
-        if self.stop_signal is not None:
+        if self.stopping:
             self.server.should_exit = True  # start, then drain at once: nothing is in flight yet
         self._install_sigquit_handler()
         await self.server.serve(sockets=self.sockets)

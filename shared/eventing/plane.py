@@ -229,12 +229,7 @@ class EventPlane:
     def health(self) -> list[Health]:
         """Every long-lived component: the consumer groups (with their restarts), the writer, the ingress."""
         found = [
-            replace(
-                h,
-                restarts=self.restarts.get(h.component, 0),
-                detail=h.detail
-                or (f"replaced after: {self.last_failure[h.component]}" if h.component in self.last_failure else ""),
-            )
+            replace(h, restarts=self.restarts.get(h.component, 0), detail=h.detail or self._replaced_after(h.component))
             for consumer in self.dispatchers
             for h in consumer.health()
         ]
@@ -246,6 +241,11 @@ class EventPlane:
         for source in self.health_sources:
             found += source()
         return found
+
+    def _replaced_after(self, name: str) -> str:
+        """Why the consumer `name` was last replaced ('' if it never was)."""
+        reason = self.last_failure.get(name)
+        return f"replaced after: {reason}" if reason else ""
 
     def recover(self) -> list[str]:
         """Replace each consumer group that failed (from its committed offsets, so what it had in

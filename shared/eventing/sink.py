@@ -22,7 +22,7 @@ from shared.health import FAILED, Health, of_thread
 log = logging.getLogger(__name__)
 Acked = Callable[[Exception | None], None]
 UNREACHABLE_S = 10.0  # no broker answering for this long fails the writer (and `up` exits 1)
-PROBE_EVERY_S = 5.0  # how often health() asks a broker for metadata while all looks well
+PROBE_EVERY_S = 5.0  # how often the writer asks a broker for metadata while all looks well
 
 
 class ProduceError(RuntimeError):
@@ -48,6 +48,7 @@ class KafkaWriter:
         try:
             while not self._stop.is_set():
                 self._producer.poll(0.05)
+                self._probe()
         except BaseException as exc:
             self.failed = exc
             log.exception("kafka-writer: stopped serving delivery reports")
@@ -72,14 +73,15 @@ class KafkaWriter:
         """Every broker was down at the last look (a probe clears it once one answers)."""
         return self._unreachable_since is not None
 
-    def _probe(self) -> float | None:
-        """Seconds without a reachable broker, None while one answers: a metadata request every
-        PROBE_EVERY_S (or at once after ALL_BROKERS_DOWN), which an idle writer needs to notice."""
+    def _probe(self) -> None:
+        """On the writer's thread: a metadata request every PROBE_EVERY_S (every second while no
+        broker answers), since an idle writer gets no other sign that the brokers went away."""
         from confluent_kafka import KafkaException
 
         now = time.monotonic()
-        if self._unreachable_since is None and now - self._probed_at < PROBE_EVERY_S:
-            return None
+        every = 1.0 if self._unreachable_since is not None else PROBE_EVERY_S
+        if now - self._probed_at < every:
+            return
         self._probed_at = now
         try:
             self._producer.list_topics(topic=self._last_topic, timeout=1.0)
@@ -87,22 +89,22 @@ class KafkaWriter:
             if self._unreachable_since is None:
                 self._unreachable_since = now
                 log.warning("kafka-writer: no broker reachable (%s)", exc)
-            return now - self._unreachable_since
+            return
         if self._unreachable_since is not None:
             log.warning("kafka-writer: a broker answers again after %.1f s", now - self._unreachable_since)
         self._unreachable_since = None
-        return None
 
     def health(self) -> Health:
         """Failed when its delivery-report thread raised or ended before `close()`, or when no
         broker has answered for UNREACHABLE_S."""
         alive = self._thread.is_alive() or self._stop.is_set()
         found = of_thread("kafka-writer", alive, True, self.failed)
-        down_s = None if found.failed or self._stop.is_set() else self._probe()
-        if down_s is not None:
-            detail = f"no broker reachable for {down_s:.0f} s"
-            return Health("kafka-writer", FAILED if down_s >= UNREACHABLE_S else found.state, detail)
-        return found
+        since = self._unreachable_since
+        if found.failed or since is None or self._stop.is_set():
+            return found
+        down_s = time.monotonic() - since
+        state = FAILED if down_s >= UNREACHABLE_S else found.state
+        return Health("kafka-writer", state, f"no broker reachable for {down_s:.0f} s")
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
         """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails.
