@@ -126,6 +126,7 @@ class EventPlane:
         """Create topics, start dispatchers and ingress; return once every group has its partitions."""
         ensure_topics(self.kafka, self.topics())
         self.writer = KafkaWriter(self.kafka)
+        self.writer.watch(sorted(self.topics()))
         brokers = {
             broker.path: TopicTarget(self.writer, broker.topic, "binary", f"Broker/{broker.name}")
             for broker in self.spec.brokers.values()

@@ -23,10 +23,16 @@ log = logging.getLogger(__name__)
 Acked = Callable[[Exception | None], None]
 UNREACHABLE_S = 10.0  # no broker answering for this long fails the writer (and `up` exits 1)
 PROBE_EVERY_S = 5.0  # how often the writer asks a broker for metadata while all looks well
+UNACKED_S = 10.0  # records waiting this long with no acknowledgement at all fail the writer
 
 
 class ProduceError(RuntimeError):
     """The broker did not acknowledge a record."""
+
+
+class BrokerLostRecords(ProduceError):
+    """The cluster no longer has what it acknowledged: a watched topic is gone or has other
+    partitions, or a partition's log went back (a broker restarted empty, a topic recreated)."""
 
 
 class KafkaWriter:
@@ -39,7 +45,9 @@ class KafkaWriter:
         self.failed: BaseException | None = None
         self._unreachable_since: float | None = None  # set by ALL_BROKERS_DOWN or a failed probe
         self._probed_at = time.monotonic()
-        self._last_topic: str | None = None  # what the probe asks about (not the whole cluster)
+        self._progress_at = time.monotonic()  # last delivery report, or last time nothing was waiting
+        self._watched: dict[str, int | None] = {}  # topic -> partitions at the first look
+        self._acked: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest acknowledged offset
         self._producer = Producer(config.producer(error_cb=self._on_error, **extra))
         self._thread = threading.Thread(target=self._serve, name="kafka-writer", daemon=True)
         self._thread.start()
@@ -48,6 +56,8 @@ class KafkaWriter:
         try:
             while not self._stop.is_set():
                 self._producer.poll(0.05)
+                if len(self._producer) == 0:
+                    self._progress_at = time.monotonic()
                 self._probe()
         except BaseException as exc:
             self.failed = exc
@@ -68,6 +78,47 @@ class KafkaWriter:
         else:
             log.debug("kafka-writer: %s", error.str())
 
+    def watch(self, topics: list[str]) -> None:
+        """Check these topics at every probe: gone, or a different partition count, fails the
+        writer with BrokerLostRecords (so `up` stops and says what was lost)."""
+        self._watched.update({topic: None for topic in topics if topic not in self._watched})
+        self._probed_at = 0.0  # take the first look at once
+
+    def _lost(self, reason: str) -> None:
+        if self.failed is None:
+            self.failed = BrokerLostRecords(reason)
+            log.error("kafka-writer: %s", reason)
+
+    def _check_topics(self, metadata: Any) -> None:
+        gone: list[str] = []
+        changed: dict[str, str] = {}
+        for topic, had in self._watched.items():
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                gone.append(topic)
+            elif had is None:
+                self._watched[topic] = len(found.partitions)
+            elif len(found.partitions) != had:
+                changed[topic] = f"{topic} has {len(found.partitions)} partition(s), had {had}"
+        if gone or changed:
+            reached = sum(n + 1 for (t, _), n in self._acked.items() if t in gone or t in changed)
+            what = [f"topic(s) gone: {', '.join(gone)}"] if gone else []
+            what += [f"recreated: {c}" for c in changed.values()]
+            self._lost(
+                f"{'; '.join(what)} (deleted, or the broker restarted empty): records on them not yet delivered "
+                f"are lost" + (f"; this plane's own writes had reached {reached} record(s) there" if reached else "")
+            )
+
+    def _check_offset(self, topic: str, partition: int, offset: int) -> None:
+        """A partition's acknowledged offsets only grow; one that went back lost its log."""
+        last = self._acked.get((topic, partition), -1)
+        if offset < last:
+            self._lost(
+                f"{topic}[{partition}]: the broker acknowledged offset {offset} after {last}: its log went back "
+                f"(the broker restarted empty, or the topic was recreated); up to {last + 1} record(s) there are lost"
+            )
+        self._acked[(topic, partition)] = max(last, offset)
+
     @property
     def unreachable(self) -> bool:
         """Every broker was down at the last look (a probe clears it once one answers)."""
@@ -75,7 +126,8 @@ class KafkaWriter:
 
     def _probe(self) -> None:
         """On the writer's thread: a metadata request every PROBE_EVERY_S (every second while no
-        broker answers), since an idle writer gets no other sign that the brokers went away."""
+        broker answers), since an idle writer gets no other sign that the brokers went away; it
+        also checks the watched topics."""
         from confluent_kafka import KafkaException
 
         now = time.monotonic()
@@ -84,7 +136,7 @@ class KafkaWriter:
             return
         self._probed_at = now
         try:
-            self._producer.list_topics(topic=self._last_topic, timeout=1.0)
+            metadata = self._producer.list_topics(timeout=1.0)  # all topics: asking for one may create it
         except KafkaException as exc:
             if self._unreachable_since is None:
                 self._unreachable_since = now
@@ -92,19 +144,32 @@ class KafkaWriter:
             return
         if self._unreachable_since is not None:
             log.warning("kafka-writer: a broker answers again after %.1f s", now - self._unreachable_since)
+            self._progress_at = now  # what waited for it gets its UNACKED_S from now
         self._unreachable_since = None
+        self._check_topics(metadata)
 
     def health(self) -> Health:
-        """Failed when its delivery-report thread raised or ended before `close()`, or when no
-        broker has answered for UNREACHABLE_S."""
+        """Failed when its delivery-report thread raised or ended before `close()`, when no broker
+        has answered for UNREACHABLE_S, or when records have waited UNACKED_S with no report at all
+        (a broker that restarted and lost this producer's state answers, but never acknowledges)."""
         alive = self._thread.is_alive() or self._stop.is_set()
         found = of_thread("kafka-writer", alive, True, self.failed)
-        since = self._unreachable_since
-        if found.failed or since is None or self._stop.is_set():
+        if found.failed or self._stop.is_set():
             return found
-        down_s = time.monotonic() - since
-        state = FAILED if down_s >= UNREACHABLE_S else found.state
-        return Health("kafka-writer", state, f"no broker reachable for {down_s:.0f} s")
+        now = time.monotonic()
+        if self._unreachable_since is not None:
+            down_s = now - self._unreachable_since
+            state = FAILED if down_s >= UNREACHABLE_S else found.state
+            return Health("kafka-writer", state, f"no broker reachable for {down_s:.0f} s")
+        waiting, stuck_s = len(self._producer), now - self._progress_at
+        if waiting and stuck_s >= UNACKED_S:
+            return Health(
+                "kafka-writer",
+                FAILED,
+                f"{waiting} record(s) not acknowledged for {stuck_s:.0f} s although the broker answers "
+                "(it restarted and lost this producer's state?)",
+            )
+        return found
 
     def produce(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers, on_acked: Acked) -> None:
         """Queue one record; `on_acked(None)` once the broker has it, `on_acked(error)` if it fails.
@@ -112,10 +177,12 @@ class KafkaWriter:
         if self.failed is not None:
             raise ProduceError(str(self.failed))
 
-        def report(err: Any, _msg: Any) -> None:
+        def report(err: Any, msg: Any) -> None:
+            self._progress_at = time.monotonic()
+            if err is None:
+                self._check_offset(topic, msg.partition(), msg.offset())
             on_acked(None if err is None else ProduceError(f"{topic}: {err.str()}"))
 
-        self._last_topic = topic
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)

@@ -266,3 +266,34 @@ def test_up_on_a_cluster_whose_broker_dies_says_so_and_exits_1(tmp_path: Path) -
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+@pytest.mark.fault
+def test_up_on_a_cluster_whose_broker_restarts_empty_says_what_was_lost_and_exits_1(tmp_path: Path) -> None:
+    """The same address answers again, with none of the topics: `up` does not carry on as if
+    nothing happened; it names the lost topics and exits 1 within seconds."""
+    from shared.eventing.broker_process import EmbeddedBroker
+
+    broker = EmbeddedBroker()
+    servers = broker.start().bootstrap_servers
+    argv = ["up", "--bootstrap-servers", servers, "--samples", "0", "--no-functions", "--ingress-port", "0"]
+    urls = [
+        arg for name in ("digits", "embed", "postprocess") for arg in ("--function-url", f"{name}=http://127.0.0.1:9/")
+    ]
+    process = start_up([*argv, *urls, "--state-file", str(tmp_path / "platform.json")])
+    try:
+        out = Output(process)
+        out.wait_for(r"^READY$", 40)
+        broker.stop()
+        broker.start()
+        restarted = time.monotonic()
+        out.wait_for(
+            r"^up: kafka-writer failed \(.*topic\(s\) gone: .*onnxfn\.input.*restarted empty.*stopping everything$", 20
+        )
+        assert process.wait(timeout=30) == 1
+        assert time.monotonic() - restarted < 20
+    finally:
+        broker.stop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
