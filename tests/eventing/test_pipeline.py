@@ -10,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from eventing_helpers import (
     Subscriber,
     collect,
@@ -230,3 +231,39 @@ def test_function_killed_and_frozen_mid_stream_delivers_each_event_once(kafka: K
         stand_in.stop()
         for process in processes.values():
             process.stop()
+
+
+@pytest.mark.fault
+def test_an_overloaded_function_is_retried_after_429_and_nothing_is_dead_lettered(
+    plane: Callable[[str], EventPlane], kafka: KafkaConfig, ns: str, tmp_path: Path
+) -> None:
+    """The real digits function with a queue of one under the plane's 50 concurrent deliveries:
+    it answers 429 with Retry-After, the plane retries after it, every event gets one result and
+    none goes to the dead-letter topic."""
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    env = {"ONNXFN_QUEUE_CAPACITY": "1", "ONNXFN_MAX_BATCH_SIZE": "1"}
+    with FunctionProcess("digits", env=env, log=tmp_path / "digits.log") as digits:
+        digits.wait_ready(120)
+        delivery = "retry: 10\n    backoffPolicy: exponential\n    backoffDelay: PT0.05S\n    timeout: PT10S"
+        triggers = [
+            trigger_yaml("fn", "  filter: {attributes: {type: dev.onnxfn.digits.request}}", digits.url + "/"),
+            trigger_yaml("res", "  filter: {attributes: {type: dev.onnxfn.digits.result}}", "sink:results"),
+        ]
+        plane(spec_yaml(ns, triggers, delivery=delivery))
+        images = _digits_images(20)
+        events = [
+            request("dev.onnxfn.digits.request", {"image": images[i % len(images)][0]}, key=f"k{i}") for i in range(400)
+        ]
+        produce(kafka, f"{ns}.input", events)
+        want = {e.id for e in events}
+        topics = [f"{ns}.results", f"{ns}.dlq"]
+        seen = collect(kafka, topics, lambda s: want <= ids_of(s[f"{ns}.results"], "requestid"), 120)
+        results = [e.get("requestid") for e in seen[f"{ns}.results"]]
+        assert set(results) == want and len(results) == len(want)
+        assert seen[f"{ns}.dlq"] == []
+        metrics = requests.get(digits.url + "/metrics", timeout=5).text
+        refused = [
+            line for line in metrics.splitlines() if line.startswith("onnxfn_requests_total") and 'status="429"' in line
+        ]
+        assert refused and float(refused[0].rsplit(" ", 1)[1]) > 0, "the function was never overloaded"
