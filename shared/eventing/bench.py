@@ -4,7 +4,8 @@
    the ceiling for anything built on the broker.
 2. Pipeline: `onnxfn up` (event plane and functions, in their own processes) on the same broker; digits
    request events (held-out images) produced on the input topic, latency measured from produce to
-   arrival on the digits result topic, first at a steady rate, then at full speed.
+   arrival on the digits result topic, first a burst with every function at zero (cold
+   starts), then at a steady rate, then at full speed; duplicates are counted.
 
 Prints a table and writes JSON (`--json`).
 
@@ -34,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="steady rate, events/s")
     parser.add_argument("--steady-seconds", type=float, default=15.0, help="duration of the steady phase")
     parser.add_argument("--burst", type=int, default=10_000, help="events in the full-speed phase")
+    parser.add_argument(
+        "--cold-burst", type=int, default=2000, help="events produced at once while every function is at zero"
+    )
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="soak at --rate for SECONDS instead")
     parser.add_argument("--window", type=float, default=30.0, help="soak: seconds per reported window")
     parser.add_argument(
@@ -350,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
         from confluent_kafka import Producer
 
         producer = Producer(kafka.producer(**{"linger.ms": 0}))
+        print(f"cold burst: {args.cold_burst} digits events with every function at zero ...", flush=True)
+        cold = pipeline_phase(producer, arrivals, args.cold_burst, None)
         pipeline_phase(producer, arrivals, 300, None)  # warm-up: connections, producer id, caches
         steady_count = int(args.rate * args.steady_seconds)
         print(f"steady: {steady_count} digits events at {args.rate:.0f}/s ...", flush=True)
@@ -357,6 +363,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"full speed: {args.burst} digits events ...", flush=True)
         burst = pipeline_phase(producer, arrivals, args.burst, None)
         arrivals.stop()
+        duplicates = sum(n - 1 for n in arrivals.copies.values())
     finally:
         if plane is not None:
             plane.send_signal(signal.SIGTERM)
@@ -366,6 +373,8 @@ def run(args: argparse.Namespace) -> int:
     rows = [
         ("raw broker produce", f"{raw['produce_per_s']:,.0f} records/s", "", ""),
         ("raw broker consume", f"{raw['consume_per_s']:,.0f} records/s", "", ""),
+        ("digits cold burst", f"{cold['events_per_s']:,.0f} events/s",
+         f"{cold['p50_ms']:.1f} ms", f"{cold['p99_ms']:.1f} ms"),
         (f"digits e2e @ {args.rate:.0f}/s", f"{steady['events_per_s']:,.0f} events/s",
          f"{steady['p50_ms']:.1f} ms", f"{steady['p99_ms']:.1f} ms"),
         ("digits e2e full speed", f"{burst['events_per_s']:,.0f} events/s",
@@ -374,17 +383,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'phase':<24} {'throughput':>20} {'p50':>10} {'p99':>10}")
     for name, rate, p50, p99 in rows:
         print(f"{name:<24} {rate:>20} {p50:>10} {p99:>10}")
-    lost = (steady["events"] - steady["arrived"]) + (burst["events"] - burst["arrived"])
+    lost = sum(phase["events"] - phase["arrived"] for phase in (cold, steady, burst))
+    print(f"not arrived: {lost}, arrived twice: {duplicates}")
     targets = {
         "throughput_ge_1000_per_s": burst["events_per_s"] >= 1000,
         "p99_lt_50ms_at_200_per_s": steady["p99_ms"] < 50,
         "nothing_lost": lost == 0,
+        "no_duplicates": duplicates == 0,
     }
     print("targets: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in targets.items()))
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "broker": "embedded Tansu" if broker else kafka.bootstrap_servers,
         "raw": raw,
+        "cold_burst": cold,
+        "duplicates": duplicates,
         "steady": steady,
         "full_speed": burst,
         "targets": targets,
