@@ -1,0 +1,397 @@
+"""`onnxfn worker NAME`: a function's consume-infer-produce loop over Kafka, with no HTTP hop.
+
+It reads the broker topic under the consumer group of the function's Trigger (so a trigger moved
+from HTTP delivery to a worker keeps its offsets), applies that Trigger's filter, runs what is
+fetched as one batch through the function's pipeline (preprocess, the dynamic batcher and the
+model, postprocess; up to the function's `max_batch_size`, no added wait for a lone event), and
+writes each result to the broker topic in Kafka binary mode, where downstream triggers and
+KafkaSinks take it as they take an HTTP reply.
+
+- Failures: an event the function refuses (a 4xx error event) or that still fails after the
+  Trigger's retries is dead-lettered with `knativeerrordest`/`knativeerrorcode`/`knativeerrordata`,
+  one by one; a record that is no CloudEvent is dead-lettered wrapped. No dead-letter sink: the
+  error event goes to the broker topic instead, so nothing vanishes.
+- Offsets: a record is final once its result (or dead letter) is acknowledged by Kafka; commits
+  go up to the oldest record not final (at-least-once; one delivery in normal operation). Batches
+  run one after the other, so per-partition order is kept (ordered mode holds by construction).
+- SIGTERM: stop fetching, finish the batch, wait for acknowledgements, commit, leave the group.
+- `GET /health/readiness` (200 once the model is loaded and partitions assigned), `/health/liveness`
+  and `/metrics` (the function's metrics and the worker's: events by outcome, batch sizes, lag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+
+from shared.errors import FunctionError, InvalidEvent
+from shared.eventing.broker_process import KafkaConfig
+from shared.eventing.delivery import Outcome, dead_letter_event
+from shared.eventing.dispatcher import COMMIT_INTERVAL_S, take
+from shared.eventing.kafka_binding import from_record, wrap_record
+from shared.eventing.offsets import OffsetTracker
+from shared.eventing.sink import KafkaWriter, TopicTarget
+from shared.eventing.spec import EventingSpec, TriggerSpec
+from shared.events import ERROR_EVENT_TYPE, Event
+from shared.pipeline import Pipeline
+from shared.service_files import SpecError
+from shared.stop_signal import StopSignal
+
+log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]
+MAX_IN_FLIGHT = 4096  # records fetched and not final before the worker waits for acknowledgements
+LAG_EVERY_S = 5.0
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What one worker reads and writes, resolved from the eventing YAML."""
+
+    function: str
+    trigger: TriggerSpec
+    broker_topic: str
+    dead_letter: tuple[str, str] | None  # (topic, content mode)
+
+    @classmethod
+    def of(cls, spec: EventingSpec, function: str) -> WorkerPlan:
+        """The one Trigger whose subscriber is Service `function`; SpecError when none or several."""
+        found = [
+            t
+            for t in spec.triggers
+            if t.subscriber.ref is not None and t.subscriber.ref.kind == "Service" and t.subscriber.ref.name == function
+        ]
+        if len(found) != 1:
+            names = ", ".join(t.name for t in found) or "none"
+            raise SpecError(f"worker {function}: exactly one Trigger must subscribe Service {function} (found {names})")
+        trigger = found[0]
+        broker = spec.brokers[f"{trigger.namespace}/{trigger.broker}"]
+        dead = trigger.delivery.dead_letter
+        dead_letter = None
+        if dead is not None:
+            ref = dead.ref
+            if ref is not None and ref.kind == "KafkaSink":
+                sink = spec.sinks[f"{ref.namespace}/{ref.name}"]
+                dead_letter = (sink.topic, sink.content_mode)
+            elif ref is not None and ref.kind == "Broker":
+                dead_letter = (spec.brokers[f"{ref.namespace}/{ref.name}"].topic, "binary")
+            else:
+                raise SpecError(
+                    f"worker {function}: Trigger/{trigger.name}'s deadLetterSink must be a KafkaSink or Broker"
+                )
+        return cls(function, trigger, broker.topic, dead_letter)
+
+
+class WorkerMetrics:
+    """The worker's own series, on the pipeline's registry (one /metrics for both)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        registry = pipeline.metrics.registry
+        name = pipeline.config.name
+        self.registry = registry
+        events = Counter(
+            "onnxfn_worker_events", "Records handled by outcome", ["function", "outcome"], registry=registry
+        )
+        self.outcome = {o: events.labels(name, o) for o in ("result", "dead_letter", "filtered", "error_event")}
+        self.batch = Histogram(
+            "onnxfn_worker_batch_size", "Events per run", ["function"], buckets=BATCH_BUCKETS, registry=registry
+        ).labels(name)
+        self.lag = Gauge(
+            "onnxfn_worker_lag", "Records behind the topic's end", ["function", "partition"], registry=registry
+        )
+        self.function = name
+
+
+class KafkaWorker:
+    """The loop (`run`) and what it needs: consumer, writer, pipeline on its own event loop."""
+
+    def __init__(self, plan: WorkerPlan, kafka: KafkaConfig, pipeline: Pipeline) -> None:
+        self.plan = plan
+        self.kafka = kafka
+        self.pipeline = pipeline
+        self.metrics = WorkerMetrics(pipeline)
+        self.tracker = OffsetTracker()
+        self.assigned = threading.Event()
+        self.stop = StopSignal()
+        self.failed: BaseException | None = None
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-loop", daemon=True)
+        self.writer: KafkaWriter | None = None
+        self._lag_at = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.failed is None and self.assigned.is_set() and self.pipeline.ready
+
+    # -- one batch -----------------------------------------------------------------------------
+    def _run_batch(self, events: list[Event]) -> list[Event] | FunctionError:
+        """Results in order, or the retryable error that remained after the Trigger's retries."""
+        delivery = self.plan.trigger.delivery
+        attempt = 0
+        while True:
+            future = asyncio.run_coroutine_threadsafe(self.pipeline.process_batch(events), self._loop)
+            try:
+                return future.result()
+            except FunctionError as exc:
+                attempt += 1
+                if attempt > (delivery.retry or 0) or self.stop.is_set():
+                    return exc
+                log.warning(
+                    "worker %s: batch of %d failed (%s); retry %d", self.plan.function, len(events), exc, attempt
+                )
+                self.stop.wait(delivery.delay_s(attempt))
+
+    def _send(self, target: TopicTarget, event: Event, message: Any) -> None:
+        tp, offset = (message.topic(), message.partition()), message.offset()
+
+        def acked(err: Exception | None) -> None:
+            if err is not None:  # not final: never committed; the worker stops and it is read again
+                self.failed = self.failed or err
+                return
+            self.tracker.finish(tp, offset)
+
+        target.send(event, acked)
+
+    def _dead_letter(self, event: Event, outcome: Outcome, message: Any) -> None:
+        self.metrics.outcome["dead_letter"].inc()
+        destination = f"worker:{self.plan.function}"
+        assert self.writer is not None
+        if self.plan.dead_letter is None:  # nowhere to dead-letter: the reason goes on as an error event
+            log.error("worker %s: event %s failed (%s); no deadLetterSink", self.plan.function, event.id, outcome.error)
+            topic, mode = self.plan.broker_topic, "binary"
+        else:
+            topic, mode = self.plan.dead_letter
+        self._send(TopicTarget(self.writer, topic, mode), dead_letter_event(event, destination, outcome), message)
+
+    def handle(self, messages: list[Any], results_to: TopicTarget) -> None:
+        """Decode, filter, run, write: each record ends final once its write is acknowledged."""
+        batch: list[tuple[Event, Any]] = []
+        for message in messages:
+            tp = (message.topic(), message.partition())
+            self.tracker.add(tp, message.offset())
+            try:
+                event = from_record(message.headers(), message.value())
+            except InvalidEvent as exc:
+                wrapped = wrap_record(
+                    topic=message.topic(), partition=message.partition(), offset=message.offset(),
+                    timestamp_ms=message.timestamp()[1], key=message.key(), headers=message.headers(),
+                    value=message.value(), namespace=self.plan.trigger.namespace, source_name=self.plan.trigger.name,
+                )  # fmt: skip
+                self._dead_letter(wrapped, Outcome(False, error=f"invalid CloudEvent: {exc.message}"), message)
+                continue
+            if not self.plan.trigger.filter.match(event.attributes):
+                self.metrics.outcome["filtered"].inc()
+                self.tracker.finish(tp, message.offset())
+                continue
+            batch.append((event, message))
+        if not batch:
+            return
+        self.metrics.batch.observe(len(batch))
+        results = self._run_batch([event for event, _ in batch])
+        for index, (event, message) in enumerate(batch):
+            if isinstance(results, FunctionError):
+                body = str(results.to_json()).encode()
+                self._dead_letter(event, Outcome(False, results.status, body=body, error=results.message), message)
+                continue
+            result = results[index]
+            if result.type == ERROR_EVENT_TYPE and isinstance(result.data, dict):
+                status = result.data.get("status")
+                outcome = Outcome(
+                    False, status if isinstance(status, int) else 500, error=str(result.data.get("message"))
+                )
+                self._dead_letter(event, outcome, message)
+                continue
+            self.metrics.outcome["result"].inc()
+            self._send(results_to, result, message)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        """Between batches (callbacks run inside poll): wait for what is written, commit it."""
+        assert self.writer is not None
+        self.writer.flush(10.0)
+        self._commit(consumer, asynchronous=False)
+        self.tracker.forget([(p.topic, p.partition) for p in partitions])
+
+    def _commit(self, consumer: Any, asynchronous: bool = True) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        points = self.tracker.commit_points()
+        if not points:
+            return
+        offsets = [TopicPartition(topic, part, offset) for (topic, part), offset in points.items()]
+        try:
+            consumer.commit(offsets=offsets, asynchronous=asynchronous)
+        except KafkaException as exc:
+            log.warning("worker %s: commit failed (%s); those records will be handled again", self.plan.function, exc)
+
+    def _measure_lag(self, consumer: Any) -> None:
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        for tp in consumer.position(consumer.assignment()):
+            try:
+                _, high = consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+            except Exception:  # a metric only: never fail the loop for it
+                continue
+            behind = max(0, high - tp.offset) if tp.offset >= 0 else high
+            self.metrics.lag.labels(self.metrics.function, str(tp.partition)).set(behind)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (0) or a failure (1)."""
+        from confluent_kafka import Consumer
+
+        self._loop_thread.start()
+        self._loop.call_soon_threadsafe(self.pipeline.start)
+        self.writer = KafkaWriter(self.kafka)
+        results_to = TopicTarget(self.writer, self.plan.broker_topic, "binary")
+        limit = self.pipeline.layout.max_batch_size
+        consumer = Consumer(self.kafka.consumer(self.plan.trigger.group_id))
+        try:
+            consumer.subscribe([self.plan.broker_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+            while not self.pipeline.wait_ready(0.1):
+                if self.stop.is_set():
+                    return 0
+                consumer.poll(0)  # join the group meanwhile
+            last_commit = time.monotonic()
+            while not self.stop.is_set() and self.failed is None:
+                while self.tracker.in_flight >= MAX_IN_FLIGHT and self.failed is None:
+                    self.writer.flush(0.05)
+                messages = [m for m in take(consumer, 0.05, batch=max(0, limit - 1)) if self._usable(m)]
+                if messages:
+                    self.handle(messages, results_to)
+                now = time.monotonic()
+                if now - last_commit >= COMMIT_INTERVAL_S:
+                    self._commit(consumer)
+                    last_commit = now
+                self._measure_lag(consumer)
+                if self.writer.health().failed:
+                    self.failed = RuntimeError(self.writer.health().detail)
+            left = self.writer.flush(10.0)
+            if left:
+                log.error(
+                    "worker %s: %d write(s) not acknowledged at stop; read again next time", self.plan.function, left
+                )
+            self._commit(consumer, asynchronous=False)
+        finally:
+            consumer.close()
+            self.writer.close(timeout_s=2.0)
+            self.pipeline.close()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self.failed is not None:
+            log.error("worker %s: stopped: %s", self.plan.function, self.failed)
+            return 1
+        return 0
+
+    def _usable(self, message: Any) -> bool:
+        from confluent_kafka import KafkaError
+
+        error = message.error()
+        if error is None:
+            return True
+        if error.code() == KafkaError._AUTO_OFFSET_RESET:
+            log.error("worker %s: %s (the broker lost records, or they expired)", self.plan.function, error.str())
+        elif error.code() != KafkaError._PARTITION_EOF:
+            log.warning("worker %s: consumer error: %s", self.plan.function, error.str())
+        return False
+
+
+def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServer:
+    """Readiness, liveness and /metrics on a small threaded HTTP server (probes and Prometheus)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                status, body, kind = 200, generate_latest(worker.metrics.registry), "text/plain; version=0.0.4"
+            elif self.path == "/health/readiness":
+                ok = worker.ready
+                status, body, kind = (200 if ok else 503), (b"ready" if ok else b"not ready"), "text/plain"
+            elif self.path == "/health/liveness":
+                ok = worker.failed is None
+                status, body, kind = (
+                    (200 if ok else 503),
+                    (b"alive" if ok else str(worker.failed).encode()),
+                    "text/plain",
+                )
+            else:
+                status, body, kind = 404, b"not found", "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
+    return server
+
+
+def main(function: str, eventing_dir: Path, knative_dir: Path | None, kafka: KafkaConfig, host: str, port: int) -> int:
+    """`onnxfn worker`: resolve the plan, load the function, serve until stopped."""
+    from shared.config import Settings
+    from shared.contract import load_handler
+    from shared.eventing import spec
+    from shared.metrics import Metrics
+
+    plan = WorkerPlan.of(spec.load(eventing_dir, knative_dir), function)
+    # One process holds the session: the in-process batcher, never a separate engine.
+    settings = Settings.from_env({**os.environ, "ONNXFN_ENGINE": "per-worker"}, function=function)
+    handler = load_handler(settings.function)
+    pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
+    worker = KafkaWorker(plan, kafka, pipeline)
+    worker.stop.install()
+    server = serve_health(worker, host, port)
+    dead = plan.dead_letter[0] if plan.dead_letter else "none (error events to the broker topic)"
+    print(
+        f"worker {function}: Trigger/{plan.trigger.name} (group {plan.trigger.group_id}) on {plan.broker_topic}; "
+        f"dead letters to {dead}; health and metrics on http://{host}:{server.server_address[1]}/",
+        flush=True,
+    )
+    try:
+        return worker.run()
+    finally:
+        server.shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from shared.eventing.cliutil import add_bootstrap
+
+    parser.add_argument("function", help="the function (Service) whose Trigger this worker serves")
+    add_bootstrap(parser)
+    parser.add_argument("--eventing", type=Path, default=ROOT / "eventing", help="folder of eventing YAML")
+    parser.add_argument("--knative", type=Path, default=ROOT / "knative", help="folder of Knative Services")
+    parser.add_argument("--host", default=os.environ.get("ONNXFN_HOST", "0.0.0.0"), help="health/metrics address")
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("PORT", "8080")), help="health/metrics port (0: any free one)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from shared.eventing.cliutil import kafka_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return main(
+            args.function, args.eventing, args.knative, kafka_config(args.bootstrap_servers), args.host, args.port
+        )
+    except (SpecError, ValueError, OSError) as exc:
+        print(f"worker: {exc}", file=sys.stderr)
+        return 2
