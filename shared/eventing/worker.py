@@ -3,7 +3,8 @@
 It reads the broker topic under the consumer group of the function's Trigger (so a trigger moved
 from HTTP delivery to a worker keeps its offsets), applies that Trigger's filter, runs what is
 fetched as one batch through the function's pipeline (preprocess, the dynamic batcher and the
-model, postprocess; up to the function's `max_batch_size`, no added wait for a lone event), and
+model, postprocess; up to 4 x the function's `max_batch_size` events a pass, each model run at most
+`max_batch_size` rows, no added wait for a lone event), and
 writes each result to the broker topic in Kafka binary mode, where downstream triggers and
 KafkaSinks take it as they take an HTTP reply.
 
@@ -271,7 +272,8 @@ class KafkaWorker:
             while not self.stop.is_set() and self.failed is None:
                 while self.tracker.in_flight >= MAX_IN_FLIGHT and self.failed is None:
                     self.writer.flush(0.05)
-                messages = [m for m in take(consumer, 0.05, batch=max(0, limit - 1)) if self._usable(m)]
+                # up to 4 model runs a pass: their preprocess and writes overlap the next run
+                messages = [m for m in take(consumer, 0.05, batch=max(0, 4 * limit - 1)) if self._usable(m)]
                 if messages:
                     self.handle(messages, results_to)
                 now = time.monotonic()
@@ -352,8 +354,11 @@ def main(function: str, eventing_dir: Path, knative_dir: Path | None, kafka: Kaf
     from shared.metrics import Metrics
 
     plan = WorkerPlan.of(spec.load(eventing_dir, knative_dir), function)
-    # One process holds the session: the in-process batcher, never a separate engine.
-    settings = Settings.from_env({**os.environ, "ONNXFN_ENGINE": "per-worker"}, function=function)
+    # One process holds the session: the in-process batcher, never a separate engine, and the
+    # onnxruntime threads of the whole machine (the layout divides cores among HTTP workers).
+    settings = Settings.from_env(
+        {"ONNXFN_WORKERS": "1", **os.environ, "ONNXFN_ENGINE": "per-worker"}, function=function
+    )
     handler = load_handler(settings.function)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
     worker = KafkaWorker(plan, kafka, pipeline)
