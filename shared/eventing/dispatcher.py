@@ -40,6 +40,33 @@ def take(consumer: Any, timeout_s: float, batch: int = 500) -> list[Any]:
     return [first, *consumer.consume(num_messages=batch, timeout=0)]
 
 
+def usable(message: Any, name: str) -> bool:
+    """A record, not an error event of the consumer; a lost offset is logged as an error."""
+    from confluent_kafka import KafkaError
+
+    error = message.error()
+    if error is None:
+        return True
+    if error.code() == KafkaError._AUTO_OFFSET_RESET:
+        log.error("%s: %s (the broker lost records, or they expired)", name, error.str())
+    elif error.code() != KafkaError._PARTITION_EOF:
+        log.warning("%s: consumer error: %s", name, error.str())
+    return False
+
+
+def commit_offsets(consumer: Any, points: dict[TopicPartitionKey, int], name: str, asynchronous: bool = True) -> None:
+    """Commit `points` (next offset per partition); a failure is logged: those records come again."""
+    from confluent_kafka import KafkaException, TopicPartition
+
+    if not points:
+        return
+    offsets = [TopicPartition(topic, part, offset) for (topic, part), offset in points.items()]
+    try:
+        consumer.commit(offsets=offsets, asynchronous=asynchronous)
+    except KafkaException as exc:
+        log.warning("%s: commit failed (%s); the records will be delivered again", name, exc)
+
+
 STALL_S = 30.0  # behind the topic with nothing fetched (and not paused) this long: stalled
 STALL_CHECK_S = 5.0
 
@@ -239,15 +266,7 @@ class Dispatcher:
 
     # -- consumer loop -------------------------------------------------------------------------
     def _commit(self, consumer: Any, points: dict[TopicPartitionKey, int], asynchronous: bool = True) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
-
-        if not points:
-            return
-        offsets = [TopicPartition(topic, part, offset) for (topic, part), offset in points.items()]
-        try:
-            consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except KafkaException as exc:
-            log.warning("%s: commit failed (%s); the records will be delivered again", self.name, exc)
+        commit_offsets(consumer, points, self.name, asynchronous)
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
         """Cooperative-sticky: `partitions` are only the ones added; those it keeps are untouched."""
@@ -275,7 +294,7 @@ class Dispatcher:
             )
 
     def _run(self) -> None:
-        from confluent_kafka import Consumer, KafkaError
+        from confluent_kafka import Consumer
 
         consumer = Consumer(self._config)
         try:
@@ -294,14 +313,8 @@ class Dispatcher:
                 self.stall.fetched(len(messages))
                 self.stall.check(consumer, paused)
                 for message in messages:
-                    error = message.error()
-                    if error is not None:
-                        if error.code() == KafkaError._AUTO_OFFSET_RESET:
-                            log.error("%s: %s (the broker lost records, or they expired)", self.name, error.str())
-                        elif error.code() != KafkaError._PARTITION_EOF:
-                            log.warning("%s: consumer error: %s", self.name, error.str())
-                        continue
-                    self.lane.accept(message)
+                    if usable(message, self.name):
+                        self.lane.accept(message)
                 self.lane.check()
                 now = time.monotonic()
                 if now - last_commit >= COMMIT_INTERVAL_S:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.eventing.broker_process import KafkaConfig
-from shared.eventing.dispatcher import COMMIT_INTERVAL_S, Dispatcher, Handler, Lane, StallWatch, take
+from shared.eventing.dispatcher import COMMIT_INTERVAL_S, Dispatcher, Handler, Lane, StallWatch, take, usable
 from shared.health import Health, of_thread
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,9 @@ class SharedReader:
 
     # -- the loop ------------------------------------------------------------------------------
     def _dispatch(self, messages: list[Any]) -> None:
-        from confluent_kafka import KafkaError
-
         active = self.active
         for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("%s: consumer error: %s", self.name, error.str())
+            if not usable(message, self.name):
                 continue
             part = message.partition()
             offset = message.offset()

@@ -39,7 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram, generate_latest
 from shared.errors import FunctionError, InvalidEvent
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.delivery import Outcome, dead_letter_event
-from shared.eventing.dispatcher import COMMIT_INTERVAL_S, take
+from shared.eventing.dispatcher import COMMIT_INTERVAL_S, commit_offsets, take, usable
 from shared.eventing.kafka_binding import from_record, wrap_record
 from shared.eventing.offsets import OffsetTracker
 from shared.eventing.sink import KafkaWriter, TopicTarget
@@ -228,16 +228,7 @@ class KafkaWorker:
         self.tracker.forget([(p.topic, p.partition) for p in partitions])
 
     def _commit(self, consumer: Any, asynchronous: bool = True) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
-
-        points = self.tracker.commit_points()
-        if not points:
-            return
-        offsets = [TopicPartition(topic, part, offset) for (topic, part), offset in points.items()]
-        try:
-            consumer.commit(offsets=offsets, asynchronous=asynchronous)
-        except KafkaException as exc:
-            log.warning("worker %s: commit failed (%s); those records will be handled again", self.plan.function, exc)
+        commit_offsets(consumer, self.tracker.commit_points(), f"worker {self.plan.function}", asynchronous)
 
     def _measure_lag(self, consumer: Any) -> None:
         now = time.monotonic()
@@ -273,7 +264,11 @@ class KafkaWorker:
                 while self.tracker.in_flight >= MAX_IN_FLIGHT and self.failed is None:
                     self.writer.flush(0.05)
                 # up to 4 model runs a pass: their preprocess and writes overlap the next run
-                messages = [m for m in take(consumer, 0.05, batch=max(0, 4 * limit - 1)) if self._usable(m)]
+                messages = [
+                    m
+                    for m in take(consumer, 0.05, batch=max(0, 4 * limit - 1))
+                    if usable(m, f"worker {self.plan.function}")
+                ]
                 if messages:
                     self.handle(messages, results_to)
                 now = time.monotonic()
@@ -298,18 +293,6 @@ class KafkaWorker:
             log.error("worker %s: stopped: %s", self.plan.function, self.failed)
             return 1
         return 0
-
-    def _usable(self, message: Any) -> bool:
-        from confluent_kafka import KafkaError
-
-        error = message.error()
-        if error is None:
-            return True
-        if error.code() == KafkaError._AUTO_OFFSET_RESET:
-            log.error("worker %s: %s (the broker lost records, or they expired)", self.plan.function, error.str())
-        elif error.code() != KafkaError._PARTITION_EOF:
-            log.warning("worker %s: consumer error: %s", self.plan.function, error.str())
-        return False
 
 
 def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServer:
