@@ -210,15 +210,22 @@ def split_batch_reply(events: list[Event], status: int, headers: dict[str, str],
         reply = by_request.get(event.id)
         if reply is None:
             each.append(Outcome(False, status, error="no reply for this event in the batched reply"))
-        elif reply.type == ERROR_EVENT_TYPE and isinstance(reply.data, dict):
-            code = reply.data.get("status")
-            failed_status = code if isinstance(code, int) else 500
-            each.append(
-                Outcome(False, failed_status, body=orjson.dumps(reply.data), error=str(reply.data.get("message")))
-            )
         else:
-            each.append(Outcome(True, status, reply=reply))
+            each.append(failed_reply(reply) or Outcome(True, status, reply=reply))
     return Outcome(True, status, headers=headers, each=each)
+
+
+def failed_reply(reply: Event) -> Outcome | None:
+    """The failed outcome an error event stands for (its `status`, its data as the body), else None."""
+    if reply.type != ERROR_EVENT_TYPE or not isinstance(reply.data, dict):
+        return None
+    code = reply.data.get("status")
+    return Outcome(
+        False,
+        code if isinstance(code, int) else 500,
+        body=orjson.dumps(reply.data),
+        error=str(reply.data.get("message")),
+    )
 
 
 def dead_letter_event(event: Event, destination: str, outcome: Outcome) -> Event:

@@ -10,8 +10,8 @@ KafkaSinks take it as they take an HTTP reply.
 
 - Failures: an event the function refuses (a 4xx error event) or that still fails after the
   Trigger's retries is dead-lettered with `knativeerrordest`/`knativeerrorcode`/`knativeerrordata`,
-  one by one; a record that is no CloudEvent is dead-lettered wrapped. No dead-letter sink: the
-  error event goes to the broker topic instead, so nothing vanishes.
+  one by one; a record that is no CloudEvent is dead-lettered wrapped. No dead-letter sink: an
+  error event with the reason goes to the broker topic instead, so nothing vanishes.
 - Offsets: a record is final once its result (or dead letter) is acknowledged by Kafka; commits
   go up to the oldest record not final (at-least-once; one delivery in normal operation). Batches
   run one after the other, so per-partition order is kept (ordered mode holds by construction).
@@ -34,17 +34,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import orjson
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
 from shared.errors import FunctionError, InvalidEvent
 from shared.eventing.broker_process import KafkaConfig
-from shared.eventing.delivery import Outcome, dead_letter_event
+from shared.eventing.delivery import Outcome, dead_letter_event, failed_reply
 from shared.eventing.dispatcher import COMMIT_INTERVAL_S, commit_offsets, take, usable
 from shared.eventing.kafka_binding import from_record, wrap_record
 from shared.eventing.offsets import OffsetTracker
 from shared.eventing.sink import KafkaWriter, TopicTarget
 from shared.eventing.spec import EventingSpec, TriggerSpec
-from shared.events import ERROR_EVENT_TYPE, Event
+from shared.events import ERROR_EVENT_TYPE, Event, result_event
 from shared.pipeline import Pipeline
 from shared.service_files import SpecError
 from shared.stop_signal import StopSignal
@@ -104,7 +105,7 @@ class WorkerMetrics:
         events = Counter(
             "onnxfn_worker_events", "Records handled by outcome", ["function", "outcome"], registry=registry
         )
-        self.outcome = {o: events.labels(name, o) for o in ("result", "dead_letter", "filtered", "error_event")}
+        self.outcome = {o: events.labels(name, o) for o in ("result", "dead_letter", "filtered")}
         self.batch = Histogram(
             "onnxfn_worker_batch_size", "Events per run", ["function"], buckets=BATCH_BUCKETS, registry=registry
         ).labels(name)
@@ -165,15 +166,20 @@ class KafkaWorker:
         target.send(event, acked)
 
     def _dead_letter(self, event: Event, outcome: Outcome, message: Any) -> None:
+        """To the Trigger's deadLetterSink; without one, an error event with the reason goes to the
+        broker topic (not the event itself: the worker's own filter would take it again)."""
         self.metrics.outcome["dead_letter"].inc()
-        destination = f"worker:{self.plan.function}"
         assert self.writer is not None
-        if self.plan.dead_letter is None:  # nowhere to dead-letter: the reason goes on as an error event
+        if self.plan.dead_letter is None:
             log.error("worker %s: event %s failed (%s); no deadLetterSink", self.plan.function, event.id, outcome.error)
-            topic, mode = self.plan.broker_topic, "binary"
-        else:
-            topic, mode = self.plan.dead_letter
-        self._send(TopicTarget(self.writer, topic, mode), dead_letter_event(event, destination, outcome), message)
+            data = {"status": outcome.status, "message": outcome.error}
+            p = self.pipeline
+            error = result_event(event, ERROR_EVENT_TYPE, p.source, data, p.model_version, p.revision)
+            self._send(TopicTarget(self.writer, self.plan.broker_topic), error, message)
+            return
+        topic, mode = self.plan.dead_letter
+        dead = dead_letter_event(event, f"worker:{self.plan.function}", outcome)
+        self._send(TopicTarget(self.writer, topic, mode), dead, message)
 
     def handle(self, messages: list[Any], results_to: TopicTarget) -> None:
         """Decode, filter, run, write: each record ends final once its write is acknowledged."""
@@ -202,16 +208,13 @@ class KafkaWorker:
         results = self._run_batch([event for event, _ in batch])
         for index, (event, message) in enumerate(batch):
             if isinstance(results, FunctionError):
-                body = str(results.to_json()).encode()
+                body = orjson.dumps(results.to_json())
                 self._dead_letter(event, Outcome(False, results.status, body=body, error=results.message), message)
                 continue
             result = results[index]
-            if result.type == ERROR_EVENT_TYPE and isinstance(result.data, dict):
-                status = result.data.get("status")
-                outcome = Outcome(
-                    False, status if isinstance(status, int) else 500, error=str(result.data.get("message"))
-                )
-                self._dead_letter(event, outcome, message)
+            failed = failed_reply(result)
+            if failed is not None:
+                self._dead_letter(event, failed, message)
                 continue
             self.metrics.outcome["result"].inc()
             self._send(results_to, result, message)
@@ -276,8 +279,9 @@ class KafkaWorker:
                     self._commit(consumer)
                     last_commit = now
                 self._measure_lag(consumer)
-                if self.writer.health().failed:
-                    self.failed = RuntimeError(self.writer.health().detail)
+                health = self.writer.health()
+                if health.failed:
+                    self.failed = RuntimeError(health.detail)
             left = self.writer.flush(10.0)
             if left:
                 log.error(
