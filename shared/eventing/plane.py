@@ -133,6 +133,8 @@ class EventPlane:
         }
         groups: list[Consumption] = []
         for trigger in self.spec.triggers:
+            if trigger.worker:  # consumed by `onnxfn worker` (see worker_scaler), not delivered over HTTP
+                continue
             target = self._target(trigger.subscriber, trigger.delivery, trigger.namespace)
             http = isinstance(target, HttpSubscriber)
             sender = Sender(

@@ -29,6 +29,11 @@ ORDER_ANNOTATION = "kafka.eventing.knative.dev/delivery.order"
 # Ours, ignored by Knative: deliver up to N events in one batched-CloudEvents request (the subscriber
 # must accept `application/cloudevents-batch+json`, as every onnxfn function does).
 BATCH_ANNOTATION = "onnxfn.dev/delivery.batch"
+# Ours: `worker` runs the subscriber as `onnxfn worker NAME` (Kafka consume-infer-produce, no HTTP
+# hop; a Deployment scaled on lag by KEDA on a cluster, started on lag by `onnxfn up`); `http` (the
+# default) is Knative's one-request-per-event delivery.
+DELIVERY_ANNOTATION = "onnxfn.dev/delivery"
+DELIVERY_MODES = ("http", "worker")
 CLASS_ANNOTATION = "eventing.knative.dev/broker.class"
 DEFAULT_BACKOFF_DELAY_S = 1.0  # Kafka data plane default when `retry` is set without a delay
 DEFAULT_TIMEOUT_S = 600.0
@@ -122,6 +127,7 @@ class TriggerSpec:
     delivery: Delivery
     ordered: bool
     batch: int = 1
+    worker: bool = False  # `onnxfn.dev/delivery: worker`
 
     @property
     def group_id(self) -> str:
@@ -242,6 +248,16 @@ def _batch(d: _Doc, ordered: bool) -> int:
     return batch
 
 
+def _worker(d: _Doc, subscriber: Destination) -> bool:
+    where = f"metadata.annotations.{DELIVERY_ANNOTATION}"
+    value = d.annotations.get(DELIVERY_ANNOTATION) or "http"
+    if value not in DELIVERY_MODES:
+        raise d.error(where, f"{value!r}: expected one of {', '.join(DELIVERY_MODES)}")
+    if value == "worker" and (subscriber.ref is None or subscriber.ref.kind != "Service"):
+        raise d.error(where, "a worker runs a function: the subscriber must be a Service ref")
+    return value == "worker"
+
+
 def _trigger_ordered(d: _Doc) -> bool:
     value = d.annotations.get(ORDER_ANNOTATION) or "unordered"
     if value not in ("ordered", "unordered"):
@@ -347,7 +363,9 @@ class _Resolver:
             self.check_destination(d, delivery.dead_letter, "spec.delivery.deadLetterSink")
         ordered = _trigger_ordered(d)
         broker = self.brokers[broker_key].name
-        return TriggerSpec(d.name, d.namespace, broker, flt, subscriber, delivery, ordered, _batch(d, ordered))
+        return TriggerSpec(
+            d.name, d.namespace, broker, flt, subscriber, delivery, ordered, _batch(d, ordered), _worker(d, subscriber)
+        )
 
     def source(self, d: _Doc, resource: schema.KafkaSource) -> KafkaSourceSpec:
         spec = resource.spec

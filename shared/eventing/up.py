@@ -219,6 +219,29 @@ class ResultPrinter:
 HEALTH_INTERVAL_S = 1.0
 
 
+def worker_scalers(loaded: Any, kafka: Any, args: argparse.Namespace) -> list[Any]:
+    """A started `WorkerScaler` per Trigger marked `onnxfn.dev/delivery: worker`."""
+    from shared.contract import load_handler
+    from shared.eventing.worker_scaler import WorkerScaler, idle_window_s
+
+    out = []
+    for trigger in loaded.triggers:
+        if not trigger.worker:
+            continue
+        topic = loaded.brokers[f"{trigger.namespace}/{trigger.broker}"].topic
+        config = load_handler(trigger.subscriber.ref.name).config
+        idle = args.idle_window if args.idle_window is not None else idle_window_s(config)
+        scaler = WorkerScaler(trigger, topic, kafka, args.eventing, args.knative, idle, say=_say)
+        out.append(scaler.start())
+        print(f"worker {scaler.function}: Trigger/{trigger.name} runs as `onnxfn worker` (started on lag, "
+              f"stopped after {idle:g} s without)")  # fmt: skip
+    return out
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 def process_health(broker: Any, platform: Any) -> list[Health]:
     """The embedded broker and the platform process: ready while they run, failed once exited."""
     found = []
@@ -253,6 +276,7 @@ def run(args: argparse.Namespace) -> int:
     plane_state = plane_state_file(args.state_file)
     exit_code = 0
     platform: PlatformProcess | None = None
+    scalers: list[Any] = []
     watcher = None
     plane = None
     printer = None
@@ -274,6 +298,8 @@ def run(args: argparse.Namespace) -> int:
         plane = EventPlane(loaded, kafka, urls, PlaneOptions(ingress_port=args.ingress_port))
         plane.health_sources.append(lambda: process_health(broker, platform))
         plane.start()
+        scalers = worker_scalers(loaded, kafka, args)
+        plane.health_sources.append(lambda: [s.health() for s in scalers])
         plane_state.write_text(json.dumps({"pid": os.getpid(), "ingress": plane.ingress_url}))
         print(f"Kafka bootstrap servers: {kafka.bootstrap_servers}" + (" (embedded Tansu)" if broker else ""))
         for b in loaded.brokers.values():
@@ -316,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
             printer.stop()
         if watcher is not None:
             watcher.stop()
+        for scaler in scalers:
+            scaler.stop()  # each worker drains and commits while the broker still runs
         if plane is not None:
             plane.stop()  # its librdkafka clients are closed before the broker stops
         if platform is not None:

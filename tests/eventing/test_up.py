@@ -222,7 +222,7 @@ def test_up_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None
         out.wait_for(r"^READY$", 40)
         # Each function's process runs (gunicorn and its workers) and has answered: nothing in flight.
         for function in ("digits", "embed", "postprocess"):
-            out.wait_for(rf"^cold start {function}-", 40)
+            out.wait_for(rf"^cold start {function}-" if function != "embed" else r"^worker embed: started", 40)
         children = _descendants(process.pid)
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in children]
         assert any(b"--listener-url" in c for c in commands) and any(b"platform" in c for c in commands)
