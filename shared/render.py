@@ -239,6 +239,17 @@ class _Dumper(yaml.SafeDumper):
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
         super().increase_indent(flow, False)
 
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _text_block(dumper: yaml.SafeDumper, text: str) -> yaml.Node:
+    """Multi-line strings (files in a ConfigMap) as literal `|` blocks."""
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _text_block)
+
 
 def dump(doc: Any) -> str:
     """YAML text in the project's manifest style."""
@@ -400,9 +411,14 @@ def _committed_traffic(path: Path) -> list[dict[str, Any]] | None:
 
 
 def render_all(
-    out: Path, image: str = IMAGE, names: list[str] | None = None, func_path: Path | None = None
+    out: Path,
+    image: str = IMAGE,
+    names: list[str] | None = None,
+    func_path: Path | None = None,
+    eventing: tuple[Path, Path] | None = None,
 ) -> dict[Path, str]:
-    """Every file `onnxfn render` writes (path -> text): `out`, and `func_path` when given.
+    """Every file `onnxfn render` writes (path -> text): `out`, `func_path` when given, and with
+    `eventing` = (eventing folder, workers folder) the workers of its worker Triggers.
 
     Committed traffic blocks are kept.
     """
@@ -417,6 +433,12 @@ def render_all(
             path = out / rel
             doc = service(config, variant, default, image, _committed_traffic(path))
             files[path] = service_text(config, variant, default, doc)
+    if eventing is not None:
+        from shared.eventing import spec
+        from shared.render_worker import worker_files
+
+        eventing_dir, workers_out = eventing
+        files.update(worker_files(spec.load(eventing_dir, services=function_names()), eventing_dir, workers_out, image))
     return files
 
 
@@ -432,11 +454,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=KNATIVE_DIR, help="output folder (default: knative/)")
     parser.add_argument("--image", default=IMAGE, help=f"image repository, tagged :gpu/:cpu (default {IMAGE})")
     parser.add_argument("--func-yaml", type=Path, default=FUNC_YAML, help="where func.yaml goes (default: top level)")
+    parser.add_argument(
+        "--eventing", type=Path, default=KNATIVE_DIR.parent / "eventing", help="eventing YAML (its worker Triggers)"
+    )
+    parser.add_argument(
+        "--workers-out", type=Path, default=KNATIVE_DIR.parent / "workers", help="worker Deployments/ScaledObjects"
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if committed files differ")
 
 
 def run(args: argparse.Namespace) -> int:
-    files = render_all(args.out, args.image, func_path=getattr(args, "func_yaml", None))
+    eventing = (args.eventing, args.workers_out) if getattr(args, "eventing", None) else None
+    files = render_all(args.out, args.image, func_path=getattr(args, "func_yaml", None), eventing=eventing)
     if args.check:
         problems = list(_diff(files))
         for problem in problems:

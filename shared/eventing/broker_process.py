@@ -94,12 +94,48 @@ class KafkaConfig:
         return {"bootstrap.servers": self.bootstrap_servers, "logger": KAFKA_LOG, **self.client}
 
 
+# KEDA's Kafka authentication parameters (a TriggerAuthentication's names), as env vars `KAFKA_<NAME>`:
+# the rendered worker Deployment takes them from the same Secret as its ScaledObject.
+SASL_MECHANISMS = {"plaintext": "PLAIN", "scram_sha256": "SCRAM-SHA-256", "scram_sha512": "SCRAM-SHA-512"}
+
+
+def keda_auth_settings(env: Mapping[str, str]) -> dict[str, str]:
+    """`KAFKA_SASL`/`KAFKA_USERNAME`/`KAFKA_PASSWORD`/`KAFKA_TLS`/`KAFKA_CA`/`KAFKA_CERT`/`KAFKA_KEY`
+    (KEDA's values: sasl none|plaintext|scram_sha256|scram_sha512, tls enable|disable, PEM text)
+    -> librdkafka properties. ValueError on a value KEDA would refuse too."""
+    sasl = env.get("KAFKA_SASL", "none").strip() or "none"
+    tls = env.get("KAFKA_TLS", "disable").strip() or "disable"
+    if sasl != "none" and sasl not in SASL_MECHANISMS:
+        raise ValueError(f"KAFKA_SASL={sasl!r}: expected none, {', '.join(SASL_MECHANISMS)}")
+    if tls not in ("enable", "disable"):
+        raise ValueError(f"KAFKA_TLS={tls!r}: expected enable or disable")
+    out: dict[str, str] = {}
+    if sasl != "none":
+        out["sasl.mechanism"] = SASL_MECHANISMS[sasl]
+        out["sasl.username"] = env.get("KAFKA_USERNAME", "")
+        out["sasl.password"] = env.get("KAFKA_PASSWORD", "")
+    if sasl != "none" or tls == "enable":
+        out["security.protocol"] = ("SASL_" if sasl != "none" else "") + ("SSL" if tls == "enable" else "PLAINTEXT")
+    if tls == "enable":
+        for name, prop in (
+            ("KAFKA_CA", "ssl.ca.pem"),
+            ("KAFKA_CERT", "ssl.certificate.pem"),
+            ("KAFKA_KEY", "ssl.key.pem"),
+        ):
+            if env.get(name):
+                out[prop] = env[name]
+    return out
+
+
 def client_settings(env: Mapping[str, str]) -> dict[str, str]:
-    """`ONNXFN_KAFKA_*` variables -> librdkafka properties."""
+    """KEDA-style `KAFKA_*` authentication, then `ONNXFN_KAFKA_*` variables -> librdkafka properties."""
     return {
-        name[len(ENV_PREFIX) :].lower().replace("_", "."): value
-        for name, value in env.items()
-        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+        **keda_auth_settings(env),
+        **{
+            name[len(ENV_PREFIX) :].lower().replace("_", "."): value
+            for name, value in env.items()
+            if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX)
+        },
     }
 
 

@@ -97,6 +97,7 @@ class BrokerSpec:
     partitions: int
     replication_factor: int
     delivery: Delivery | None
+    bootstrap_servers: str = ""  # the ConfigMap's `bootstrap.servers` (what a cluster's clients use)
 
     @property
     def topic(self) -> str:
@@ -314,6 +315,7 @@ class _Resolver:
             _int_text(d, data, "default.topic.partitions", 10),
             _int_text(d, data, "default.topic.replication.factor", 1),
             _delivery(d, resource.spec.delivery, "spec.delivery"),
+            str(data.get("bootstrap.servers", "")),
         )
 
     def sink(self, d: _Doc, resource: schema.KafkaSink) -> None:
