@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import requests
 from eventing_helpers import collect, ids_of, produce, request, spec_yaml
 from test_pipeline import MODELS, ROOT, _digits_images
+from test_up import Output, start_up
 
 from shared.eventing.broker_process import KafkaConfig, ensure_topics
+from shared.eventing.worker import MAX_IN_FLIGHT
+from shared.events import ERROR_EVENT_TYPE
 
 SERVICE_REF = "    ref: {apiVersion: serving.knative.dev/v1, kind: Service, name: digits, namespace: $NS}"
 
@@ -81,3 +86,165 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+def test_worker_without_a_dead_letter_sink_writes_an_error_event(kafka: KafkaConfig, ns: str, tmp_path: Path) -> None:
+    """No deadLetterSink: an event the function refuses becomes an error event on the broker topic
+    (with the reason), never lost and never the event again."""
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    text = spec_yaml(ns, [_trigger("digits", "dev.onnxfn.digits.request", SERVICE_REF)])
+    text = re.sub(r"\n    deadLetterSink:\n      ref: \{[^}]*\}", "", text)
+    assert "deadLetterSink" not in text
+    (tmp_path / "eventing.yaml").write_text(text)
+    broker_topic = f"knative-broker-{ns}-default"
+    ensure_topics(kafka, {broker_topic: (1, 1)})
+    good = request("dev.onnxfn.digits.request", {"image": _digits_images(1)[0][0]})
+    poison = request("dev.onnxfn.digits.request", {"image": [1, 2, 3]})
+    produce(kafka, broker_topic, [poison, good])
+    argv = [sys.executable, "-m", "shared.cli", "worker", "digits", "--eventing", str(tmp_path)]
+    argv += ["--bootstrap-servers", kafka.bootstrap_servers, "--host", "127.0.0.1", "--port", "0"]
+    worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+
+        def answered(seen: dict) -> bool:
+            return {good.id, poison.id} <= ids_of(seen[broker_topic], "requestid")
+
+        seen = collect(kafka, [broker_topic], answered, 90)
+        replies = {str(e.attributes["requestid"]): e for e in seen[broker_topic] if "requestid" in e.attributes}
+        assert replies[good.id].type == "dev.onnxfn.digits.result"
+        error = replies[poison.id]
+        assert error.type == ERROR_EVENT_TYPE and error.data["status"] == 400 and "image" in error.data["message"]
+        assert [e.id for e in seen[broker_topic]].count(poison.id) == 1  # not written back as itself
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def _worker_eventing(tmp_path: Path) -> Path:
+    """The repository's eventing/ with digits' Trigger run as a worker."""
+    directory = tmp_path / "eventing"
+    directory.mkdir()
+    for path in (ROOT / "eventing").glob("*.yaml"):
+        text = path.read_text()
+        if path.name == "400-trigger-digits.yaml":
+            text = text.replace('onnxfn.dev/delivery.batch: "32"', "onnxfn.dev/delivery: worker")
+            assert "onnxfn.dev/delivery: worker" in text
+        (directory / path.name).write_text(text)
+    return directory
+
+
+def _results_by_request(kafka: KafkaConfig, ids: set[str], timeout_s: float) -> dict[str, list[float]]:
+    """requestid -> write times (s since the epoch) of the digits results on the result topic."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from shared.eventing.kafka_binding import from_record
+
+    consumer = Consumer(kafka.consumer("test-reader-" + os.urandom(4).hex()))
+    topic = "onnxfn.digits.results"
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
+    found: dict[str, list[float]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ids <= set(found) and time.monotonic() < deadline:
+            for message in consumer.consume(500, 0.2):
+                if message.error() is None:
+                    event = from_record(message.headers(), message.value())
+                    found.setdefault(str(event.attributes["requestid"]), []).append(message.timestamp()[1] / 1000)
+    finally:
+        consumer.close()
+    return found
+
+
+def _up_with_digits_worker(tmp_path: Path, idle_s: float) -> tuple[subprocess.Popen[str], Output, KafkaConfig]:
+    directory = _worker_eventing(tmp_path)
+    argv = ["up", "--eventing", str(directory), "--samples", "0", "--quiet", "--ingress-port", "0"]
+    argv += ["--idle-window", str(idle_s), "--state-file", str(tmp_path / "platform.json")]
+    process = start_up(argv)
+    out = Output(process)
+    out.wait_for(r"^worker digits: Trigger/digits runs as `onnxfn worker`", 40)
+    servers = out.wait_for(r"^Kafka bootstrap servers: (\S+)", 40).group(1)
+    out.wait_for(r"^READY$", 40)
+    return process, out, KafkaConfig(servers)
+
+
+def _stop(process: subprocess.Popen[str]) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def test_up_starts_the_worker_on_lag_answers_once_and_stops_it_when_idle(tmp_path: Path) -> None:
+    """At zero, a burst starts the worker; its first result comes within its cold start + 1 s;
+    every event is answered once; after the idle window the worker is gone."""
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    process, out, kafka = _up_with_digits_worker(tmp_path, idle_s=3)
+    try:
+        images = _digits_images(20)
+        events = [request("dev.onnxfn.digits.request", {"image": images[i % 20][0]}, key=f"k{i}") for i in range(300)]
+        published = time.time()
+        produce(kafka, "onnxfn.input", events)
+        ready_s = float(out.wait_for(r"^worker digits: started on lag \d+, ready in (\S+) s$", 60).group(1))
+        found = _results_by_request(kafka, {e.id for e in events}, 60)
+        assert sorted(found) == sorted(e.id for e in events)
+        assert all(len(times) == 1 for times in found.values())  # one delivery each
+        first = min(t for times in found.values() for t in times) - published
+        assert first <= ready_s + 1.0, f"first result {first:.2f} s after publishing; worker ready in {ready_s:.2f} s"
+        out.wait_for(r"^worker digits: stopped \(no lag for 3 s, exit 0\)$", 30)
+        assert not any(b"worker\x00digits" in c for c in _commands(process.pid))
+    finally:
+        assert _stop(process) == 0
+
+
+def _commands(pid: int) -> list[bytes]:
+    from test_up import _descendants
+
+    out = []
+    for child in _descendants(pid):
+        try:
+            out.append(Path(f"/proc/{child}/cmdline").read_bytes())
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.fault
+def test_up_sees_a_killed_worker_and_starts_it_again_losing_nothing(tmp_path: Path) -> None:
+    """SIGKILL the worker mid-stream: `up` reports it, starts it again from the committed offsets,
+    counts the restart in its health, and every event gets its result (at least once)."""
+    from test_up import _descendants, onnxfn
+
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    process, out, kafka = _up_with_digits_worker(tmp_path, idle_s=600)
+    try:
+        images = _digits_images(20)
+        events = [request("dev.onnxfn.digits.request", {"image": images[i % 20][0]}) for i in range(3000)]
+        produce(kafka, "onnxfn.input", events[:1500])
+        out.wait_for(r"^worker digits: started on lag", 60)
+        assert len(_results_by_request(kafka, {e.id for e in events[:200]}, 60)) >= 200
+        (pid,) = [
+            p for p in _descendants(process.pid) if b"worker\x00digits" in Path(f"/proc/{p}/cmdline").read_bytes()
+        ]
+        os.kill(pid, signal.SIGKILL)
+        produce(kafka, "onnxfn.input", events[1500:])
+        out.wait_for(r"^worker digits: exited with code -9; restart 1 of 3$", 10)
+        out.wait_for(r"^worker digits: started on lag \d+", 60)
+        found = _results_by_request(kafka, {e.id for e in events}, 90)
+        assert sorted(found) == sorted(e.id for e in events)
+        again = sum(len(times) - 1 for times in found.values())
+        assert again <= MAX_IN_FLIGHT
+        shown = json.loads(onnxfn("status", "--json", "--state-file", str(tmp_path / "platform.json")))
+        (component,) = [c for c in shown["plane"]["components"] if c["component"] == "worker-digits"]
+        assert component["state"] == "ready" and component["restarts"] == 1
+    finally:
+        assert _stop(process) == 0
