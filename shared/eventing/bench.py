@@ -38,6 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cold-burst", type=int, default=2000, help="events produced at once while every function is at zero"
     )
+    parser.add_argument(
+        "--mode",
+        choices=("http", "worker"),
+        default="http",
+        help="worker: the HTTP-trigger path and `onnxfn worker` side by side, digits and embed (bench_paths)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="--mode worker: rounds, the paths alternating")
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="soak at --rate for SECONDS instead")
     parser.add_argument("--window", type=float, default=30.0, help="soak: seconds per reported window")
     parser.add_argument(
@@ -129,12 +136,23 @@ class Arrivals:
         self.thread.join(timeout=5)
 
 
-def _requests(count: int) -> list[tuple[str, bytes | None, bytes | None, Any]]:
-    """(id, key, value, headers) of `count` digits request records, cycling over held-out images."""
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _requests(count: int, function: str = "digits") -> list[tuple[str, bytes | None, bytes | None, Any]]:
+    """(id, key, value, headers) of `count` request records: digits cycling over held-out images;
+    embed with the sentence raw onnxruntime is measured on (the plug-in's example)."""
+    from shared.contract import load_handler
     from shared.eventing.kafka_binding import to_record
     from shared.eventing.up import sample_events
+    from shared.events import new_event
 
-    templates = sample_events(["digits"], 450)
+    if function == "digits":
+        templates = sample_events(["digits"], 450)
+    else:
+        handler = load_handler(function)
+        templates = [new_event(handler.config.accepts[0], "/onnxfn/bench", handler.example())]
     out = []
     for i in range(count):
         template = templates[i % len(templates)]
@@ -163,10 +181,13 @@ def _produce(producer: Any, key: bytes | None, value: bytes | None, headers: Any
             producer.poll(0.005)
 
 
-def pipeline_phase(producer: Any, arrivals: Arrivals, count: int, rate: float | None) -> dict[str, float]:
+def pipeline_phase(
+    producer: Any, arrivals: Arrivals, count: int, rate: float | None, function: str | None = None
+) -> dict[str, Any]:
     """Produce `count` digits requests (paced at `rate`/s, or as fast as possible) and measure them.
-    The producer is created (and its idempotent-producer handshake done) before, not in the timing."""
-    records = _requests(count)
+    The producer is created (and its idempotent-producer handshake done) before, not in the timing.
+    With `function`, that function's requests, and the ids in the result (`ids`)."""
+    records = _requests(count, function or "digits")
     sent: dict[str, float] = {}
     start = time.perf_counter()
     for index, (event_id, key, value, headers) in enumerate(records):
@@ -183,6 +204,8 @@ def pipeline_phase(producer: Any, arrivals: Arrivals, count: int, rate: float | 
     latencies = [(arrivals.seen[i] - sent[i]) * 1000 for i in got]
     last = max((arrivals.seen[i] for i in got), default=start)
     return {
+        **({"ids": ids} if function else {}),
+        "first_ms": min(latencies, default=float("nan")),
         "events": count,
         "arrived": len(got),
         "offered_per_s": count / max(produced_s, 1e-9),
@@ -334,6 +357,10 @@ def run_soak(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if args.soak:
         return run_soak(args)
+    if args.mode == "worker":
+        from shared.eventing import bench_paths
+
+        return bench_paths.run(args)
     import os
     import platform
     import signal

@@ -118,8 +118,12 @@ class WorkerMetrics:
 class KafkaWorker:
     """The loop (`run`) and what it needs: consumer, writer, pipeline on its own event loop."""
 
-    def __init__(self, plan: WorkerPlan, kafka: KafkaConfig, pipeline: Pipeline) -> None:
+    def __init__(self, plan: WorkerPlan, kafka: KafkaConfig, pipeline: Pipeline, assign_all: bool = False) -> None:
+        """`assign_all`: read every partition without joining the consumer group (no ~3 s group join
+        at a cold start); only for a group's one consumer, as `onnxfn up` runs it. Offsets are the
+        group's, committed the same way."""
         self.plan = plan
+        self.assign_all = assign_all
         self.kafka = kafka
         self.pipeline = pipeline
         self.metrics = WorkerMetrics(pipeline)
@@ -221,7 +225,24 @@ class KafkaWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        if not self.assigned.is_set():
+            log.info(
+                "worker %s: %d partition(s) assigned %.2f s after the process started",
+                self.plan.function, len(partitions), _process_age_s(),
+            )  # fmt: skip
         self.assigned.set()
+
+    def _assign_all(self, consumer: Any) -> None:
+        """Every partition of the broker topic, each from the group's committed offset."""
+        from confluent_kafka import TopicPartition
+
+        topic = self.plan.broker_topic
+        meta = consumer.list_topics(topic, timeout=10.0).topics[topic]
+        if meta.error is not None:
+            raise RuntimeError(f"worker {self.plan.function}: topic {topic}: {meta.error}")
+        partitions = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        consumer.assign(partitions)  # no offset given: the committed one, else auto.offset.reset
+        self._on_assign(consumer, partitions)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         """Between batches (callbacks run inside poll): wait for what is written, commit it."""
@@ -257,7 +278,10 @@ class KafkaWorker:
         limit = self.pipeline.layout.max_batch_size
         consumer = Consumer(self.kafka.consumer(self.plan.trigger.group_id))
         try:
-            consumer.subscribe([self.plan.broker_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+            if self.assign_all:
+                self._assign_all(consumer)
+            else:
+                consumer.subscribe([self.plan.broker_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
             while not self.pipeline.wait_ready(0.1):
                 if self.stop.is_set():
                     return 0
@@ -299,6 +323,13 @@ class KafkaWorker:
         return 0
 
 
+def _process_age_s() -> float:
+    """Seconds since this process started (from /proc: includes the interpreter's start and imports)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
 def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServer:
     """Readiness, liveness and /metrics on a small threaded HTTP server (probes and Prometheus)."""
 
@@ -333,7 +364,15 @@ def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServ
     return server
 
 
-def main(function: str, eventing_dir: Path, knative_dir: Path | None, kafka: KafkaConfig, host: str, port: int) -> int:
+def main(
+    function: str,
+    eventing_dir: Path,
+    knative_dir: Path | None,
+    kafka: KafkaConfig,
+    host: str,
+    port: int,
+    assign_all: bool = False,
+) -> int:
     """`onnxfn worker`: resolve the plan, load the function, serve until stopped."""
     from shared.config import Settings
     from shared.contract import load_handler
@@ -346,9 +385,10 @@ def main(function: str, eventing_dir: Path, knative_dir: Path | None, kafka: Kaf
     settings = Settings.from_env(
         {"ONNXFN_WORKERS": "1", **os.environ, "ONNXFN_ENGINE": "per-worker"}, function=function
     )
+    log.info("worker %s: imports done %.2f s after the process started", function, _process_age_s())
     handler = load_handler(settings.function)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
-    worker = KafkaWorker(plan, kafka, pipeline)
+    worker = KafkaWorker(plan, kafka, pipeline, assign_all)
     worker.stop.install()
     server = serve_health(worker, host, port)
     dead = plan.dead_letter[0] if plan.dead_letter else "none (error events to the broker topic)"
@@ -372,6 +412,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--knative", type=Path, default=ROOT / "knative", help="folder of Knative Services")
     parser.add_argument("--host", default=os.environ.get("ONNXFN_HOST", "0.0.0.0"), help="health/metrics address")
     parser.add_argument(
+        "--assign-all",
+        action="store_true",
+        help="read every partition without joining the group (only as the group's one consumer; `onnxfn up`)",
+    )
+    parser.add_argument(
         "--port", type=int, default=int(os.environ.get("PORT", "8080")), help="health/metrics port (0: any free one)"
     )
 
@@ -382,7 +427,13 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return main(
-            args.function, args.eventing, args.knative, kafka_config(args.bootstrap_servers), args.host, args.port
+            args.function,
+            args.eventing,
+            args.knative,
+            kafka_config(args.bootstrap_servers),
+            args.host,
+            args.port,
+            args.assign_all,
         )
     except (SpecError, ValueError, OSError) as exc:
         print(f"worker: {exc}", file=sys.stderr)

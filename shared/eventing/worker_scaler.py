@@ -126,7 +126,9 @@ class WorkerScaler:
         argv = [sys.executable, "-m", "shared.cli", "worker", self.function, "--eventing", str(self.eventing_dir)]
         if self.knative_dir is not None:
             argv += ["--knative", str(self.knative_dir)]
-        return [*argv, "--bootstrap-servers", self.kafka.bootstrap_servers, "--host", "127.0.0.1", "--port", str(port)]
+        # The one consumer of its group here: no group join at a cold start (see KafkaWorker).
+        argv += ["--bootstrap-servers", self.kafka.bootstrap_servers, "--assign-all"]
+        return [*argv, "--host", "127.0.0.1", "--port", str(port)]
 
     def _launch(self, lag: int) -> None:
         port = _free_port()
