@@ -96,7 +96,8 @@ def raw_broker(kafka: Any, records: int) -> dict[str, float]:
 class Arrivals:
     """Records the arrival time of each `requestid` on the result topic (from its current end)."""
 
-    def __init__(self, kafka: Any, topic: str):
+    def __init__(self, kafka: Any, topic: str, type_: str | None = None):
+        """`type_`: count only records of that CloudEvent type (a broker topic carries every kind)."""
         import threading
 
         from confluent_kafka import OFFSET_END, Consumer, TopicPartition
@@ -104,6 +105,7 @@ class Arrivals:
         self.consumer = Consumer(kafka.consumer("bench-arrivals"))
         meta = self.consumer.list_topics(topic, timeout=10)
         self.consumer.assign([TopicPartition(topic, p, OFFSET_END) for p in meta.topics[topic].partitions])
+        self.type = type_.encode() if type_ else None
         self.seen: dict[str, float] = {}
         self.copies: dict[str, int] = {}  # requestid -> how many results carried it
         self.order: list[tuple[float, str]] = []  # (arrival, requestid) of first arrivals
@@ -117,7 +119,10 @@ class Arrivals:
                 if message.error() is not None:
                     continue
                 now = time.perf_counter()
-                for name, value in message.headers() or ():
+                headers = message.headers() or ()
+                if self.type is not None and (b"ce_type", self.type) not in [(n.encode(), v) for n, v in headers]:
+                    continue
+                for name, value in headers:
                     if name == "ce_requestid" and isinstance(value, bytes):
                         request_id = value.decode()
                         self.copies[request_id] = self.copies.get(request_id, 0) + 1
@@ -171,18 +176,23 @@ def _wait_until(producer: Any, due: float) -> float:
     return now
 
 
-def _produce(producer: Any, key: bytes | None, value: bytes | None, headers: Any) -> None:
-    """One record to the input topic, waiting while the producer's queue is full."""
+def _produce(producer: Any, key: bytes | None, value: bytes | None, headers: Any, topic: str = INPUT_TOPIC) -> None:
+    """One record to the input topic (or `topic`), waiting while the producer's queue is full."""
     while True:
         try:
-            producer.produce(INPUT_TOPIC, value=value, key=key, headers=headers)
+            producer.produce(topic, value=value, key=key, headers=headers)
             return
         except BufferError:
             producer.poll(0.005)
 
 
 def pipeline_phase(
-    producer: Any, arrivals: Arrivals, count: int, rate: float | None, function: str | None = None
+    producer: Any,
+    arrivals: Arrivals,
+    count: int,
+    rate: float | None,
+    function: str | None = None,
+    topic: str = INPUT_TOPIC,
 ) -> dict[str, Any]:
     """Produce `count` digits requests (paced at `rate`/s, or as fast as possible) and measure them.
     The producer is created (and its idempotent-producer handshake done) before, not in the timing.
@@ -193,7 +203,7 @@ def pipeline_phase(
     for index, (event_id, key, value, headers) in enumerate(records):
         if rate:
             _wait_until(producer, start + index / rate)
-        _produce(producer, key, value, headers)
+        _produce(producer, key, value, headers, topic)
         sent[event_id] = time.perf_counter()
         producer.poll(0)
     producer.flush(30)

@@ -8,7 +8,9 @@ that mode, and for each of digits and embed:
 1. at zero: a burst of `--cold-burst` events; the first result's delay and, for the worker, its
    cold start (process start to ready, as `up` prints it);
 2. steady: `--rate` events/s for `--steady-seconds`;
-3. full speed: `--burst` events (embed: a tenth) produced at once.
+3. full speed: `--burst` events (embed: a tenth) produced at once;
+4. the function hop alone: as many requests put straight on the broker topic, their results read
+   back there (what a worker replaces: the trigger's HTTP delivery and the function's HTTP layer).
 
 Latency is from produce on the input topic to arrival on the function's result topic (through the
 KafkaSource, the broker topic and its triggers, the result KafkaSink). Each phase counts what never
@@ -41,6 +43,7 @@ from shared.eventing.spec import BATCH_ANNOTATION, DELIVERY_ANNOTATION
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_TOPICS = {"digits": "onnxfn.digits.results", "embed": "onnxfn.embed.results"}
 MODES = ("http", "worker")
+BROKER_TOPIC = "knative-broker-default-default"
 EMBED_SHARE = 10  # embed's full-speed burst: a tenth of digits' (a model run costs ~100x more)
 
 
@@ -113,11 +116,17 @@ class Plane:
 
 
 def _phase(
-    plane: Plane, producer: Any, arrivals: bench.Arrivals, function: str, count: int, rate: float | None
+    plane: Plane,
+    producer: Any,
+    arrivals: bench.Arrivals,
+    function: str,
+    count: int,
+    rate: float | None,
+    topic: str = bench.INPUT_TOPIC,
 ) -> dict[str, Any]:
     before = plane.cpu_s()
     copies_before = dict(arrivals.copies)
-    result = bench.pipeline_phase(producer, arrivals, count, rate, function)
+    result = bench.pipeline_phase(producer, arrivals, count, rate, function, topic)
     ids = result.pop("ids")
     result["duplicates"] = sum(max(0, arrivals.copies.get(i, 0) - copies_before.get(i, 0) - 1) for i in ids)
     result["lost"] = result["events"] - result["arrived"]
@@ -141,9 +150,15 @@ def one_path(kafka: Any, mode: str, args: argparse.Namespace, workdir: Path) -> 
                 cold["cold_start_s"] = plane.worker_ready_s(function) if mode == "worker" else None
                 steady = _phase(plane, producer, arrivals, function, int(args.rate * args.steady_seconds), args.rate)
                 full = _phase(plane, producer, arrivals, function, burst, None)
-                out[function] = {"cold": cold, "steady": steady, "full_speed": full}
             finally:
                 arrivals.stop()
+            # The hop a worker replaces alone: requests put on the broker topic, results read there.
+            hop_arrivals = bench.Arrivals(kafka, BROKER_TOPIC, f"dev.onnxfn.{function}.result")
+            try:
+                hop = _phase(plane, producer, hop_arrivals, function, burst, None, BROKER_TOPIC)
+            finally:
+                hop_arrivals.stop()
+            out[function] = {"cold": cold, "steady": steady, "full_speed": full, "function_hop": hop}
         producer.flush(10)
     finally:
         plane.stop()
@@ -166,21 +181,22 @@ def run(args: argparse.Namespace) -> int:
 
     bench.say("raw onnxruntime, all cores (best rows/s over batch sizes) ...")
     raw = {name: raw_onnxruntime(name) for name in RESULT_TOPICS}
-    broker = None
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="onnxfn-bench-paths-") as tmp:
-        try:
-            kafka, broker = connect(args.bootstrap_servers)
-            for round_index in range(args.rounds):
-                for mode in MODES if round_index % 2 == 0 else reversed(MODES):
-                    bench.say(f"round {round_index + 1}/{args.rounds}: {mode} path (onnxfn up) ...")
+        for round_index in range(args.rounds):
+            for mode in MODES if round_index % 2 == 0 else reversed(MODES):
+                bench.say(f"round {round_index + 1}/{args.rounds}: {mode} path (onnxfn up) ...")
+                # A fresh embedded broker for each: Tansu's fetch cost grows with its log, which
+                # would favour whichever path runs first.
+                kafka, broker = connect(args.bootstrap_servers)
+                try:
                     runs[mode].append(one_path(kafka, mode, args, Path(tmp) / f"r{round_index}"))
-        finally:
-            if broker is not None:
-                broker.stop()
+                finally:
+                    if broker is not None:
+                        broker.stop()
     report = summarize(raw, runs)
     report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    report["broker"] = "embedded Tansu" if broker else kafka.bootstrap_servers
+    report["broker"] = args.bootstrap_servers or "embedded Tansu (a fresh one per path and round)"
     report["settings"] = {k: getattr(args, k) for k in ("rounds", "cold_burst", "rate", "steady_seconds", "burst")}
     print_report(report)
     path = args.json.with_name(args.json.stem + "-paths.json")
@@ -190,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(report["targets"].values()) else 1
 
 
-PHASES = ("cold", "steady", "full_speed")
+PHASES = ("cold", "steady", "full_speed", "function_hop")
 FIELDS = ("events_per_s", "p50_ms", "p99_ms", "cpu_ms_per_event")
 
 
@@ -215,6 +231,8 @@ def summarize(raw: dict[str, Any], runs: dict[str, list[dict[str, Any]]]) -> dic
         "embed_worker_over_http": speed["worker/embed/full_speed"] / speed["http/embed/full_speed"],
         "embed_worker_over_raw_ort": speed["worker/embed/full_speed"] / raw["embed"]["best_rows_per_s"],
         "digits_worker_over_raw_ort": speed["worker/digits/full_speed"] / raw["digits"]["best_rows_per_s"],
+        "digits_hop_worker_over_http": speed["worker/digits/function_hop"] / speed["http/digits/function_hop"],
+        "embed_hop_worker_over_raw_ort": speed["worker/embed/function_hop"] / raw["embed"]["best_rows_per_s"],
     }
     cold = table["worker/digits/cold"]
     lost = sum(row["lost"] for key, row in table.items() if key.startswith("worker/"))

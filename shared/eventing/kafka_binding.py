@@ -104,6 +104,31 @@ def _decode(raw: bytes, what: str) -> str:
         raise InvalidEvent(f"header {what} is not UTF-8") from None
 
 
+def binary_attributes(headers: RawHeaders) -> dict[str, str] | None:
+    """A binary-mode record's attributes as its headers carry them (no validation), to filter it
+    before decoding it; None when that takes a full decode (structured mode, no `ce_` header,
+    a header that is not UTF-8)."""
+    out: dict[str, str] = {}
+    for name, value in _pairs(headers):
+        if value is None:
+            continue
+        lower = name.lower()
+        raw = value.encode() if isinstance(value, str) else value
+        if lower.startswith("ce_"):
+            target = lower[3:]
+        elif lower == "content-type":
+            if raw.lower().startswith(b"application/cloudevents"):
+                return None
+            target = "datacontenttype"
+        else:
+            continue
+        try:
+            out[target] = raw.decode()
+        except UnicodeDecodeError:
+            return None
+    return out or None
+
+
 def is_structured(headers: RawHeaders) -> bool:
     content_type = _header_map(headers).get("content-type", b"")
     return content_type.lower().startswith(b"application/cloudevents")

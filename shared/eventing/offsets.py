@@ -34,6 +34,16 @@ class OffsetTracker:
             self._partitions.setdefault(tp, _Partition()).pending.append(offset)
             self.in_flight += 1
 
+    def passed(self, tp: TopicPartitionKey, offset: int) -> None:
+        """A record that is final as soon as it is seen (filtered out): `add` and `finish` at once."""
+        with self._lock:
+            part = self._partitions.setdefault(tp, _Partition())
+            if part.pending:
+                part.pending.append(offset)
+                part.done.add(offset)
+            else:
+                self._ready[tp] = offset + 1
+
     def finish(self, tp: TopicPartitionKey, offset: int) -> None:
         """Mark one record final. Unknown partitions (revoked meanwhile) are ignored."""
         with self._lock:

@@ -41,7 +41,7 @@ from shared.errors import FunctionError, InvalidEvent
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.delivery import Outcome, dead_letter_event, failed_reply
 from shared.eventing.dispatcher import COMMIT_INTERVAL_S, commit_offsets, take, usable
-from shared.eventing.kafka_binding import from_record, wrap_record
+from shared.eventing.kafka_binding import binary_attributes, from_record, wrap_record
 from shared.eventing.offsets import OffsetTracker
 from shared.eventing.sink import KafkaWriter, TopicTarget
 from shared.eventing.spec import EventingSpec, TriggerSpec
@@ -188,24 +188,34 @@ class KafkaWorker:
     def handle(self, messages: list[Any], results_to: TopicTarget) -> None:
         """Decode, filter, run, write: each record ends final once its write is acknowledged."""
         batch: list[tuple[Event, Any]] = []
+        match = self.plan.trigger.filter.match
+        filtered = 0
         for message in messages:
-            tp = (message.topic(), message.partition())
-            self.tracker.add(tp, message.offset())
+            tp, offset, headers = (message.topic(), message.partition()), message.offset(), message.headers()
+            # Filter on the headers first: records for other triggers are never decoded.
+            attributes = binary_attributes(headers)
+            if attributes is not None and not match(attributes):
+                self.tracker.passed(tp, offset)
+                filtered += 1
+                continue
+            self.tracker.add(tp, offset)
             try:
-                event = from_record(message.headers(), message.value())
+                event = from_record(headers, message.value())
             except InvalidEvent as exc:
                 wrapped = wrap_record(
-                    topic=message.topic(), partition=message.partition(), offset=message.offset(),
-                    timestamp_ms=message.timestamp()[1], key=message.key(), headers=message.headers(),
+                    topic=message.topic(), partition=message.partition(), offset=offset,
+                    timestamp_ms=message.timestamp()[1], key=message.key(), headers=headers,
                     value=message.value(), namespace=self.plan.trigger.namespace, source_name=self.plan.trigger.name,
                 )  # fmt: skip
                 self._dead_letter(wrapped, Outcome(False, error=f"invalid CloudEvent: {exc.message}"), message)
                 continue
-            if not self.plan.trigger.filter.match(event.attributes):
-                self.metrics.outcome["filtered"].inc()
-                self.tracker.finish(tp, message.offset())
+            if attributes is None and not match(event.attributes):  # structured mode
+                self.tracker.finish(tp, offset)
+                filtered += 1
                 continue
             batch.append((event, message))
+        if filtered:
+            self.metrics.outcome["filtered"].inc(filtered)
         if not batch:
             return
         self.metrics.batch.observe(len(batch))

@@ -29,7 +29,8 @@ from shared.health import FAILED, READY, STARTING, Health
 from shared.supervisor import ChildExited, ChildProcess
 
 log = logging.getLogger(__name__)
-POLL_S = 0.2
+POLL_S = 0.2  # lag probes at zero (a burst waits at most this long for its worker to be launched)
+RUNNING_POLL_S = 2.0  # while a worker runs, only its idleness is watched
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 MAX_RESTARTS = 3
@@ -168,9 +169,9 @@ class WorkerScaler:
 
     # -- the loop ------------------------------------------------------------------------------
     def _run(self) -> None:
-        self._probe = LagProbe(self.kafka, self.trigger.group_id, self.topic)
+        assert self._probe is not None
         idle_since: float | None = None
-        while not self._stop.wait(POLL_S):
+        while not self._stop.wait(POLL_S if self.process is None else RUNNING_POLL_S):
             if self.failure:
                 continue
             if self.process is not None and not self.process.alive:
@@ -194,7 +195,14 @@ class WorkerScaler:
         self._halt("up stopping")
         self._probe.close()
 
-    def start(self) -> WorkerScaler:
+    def start(self, timeout_s: float = 10.0) -> WorkerScaler:
+        """Start watching, once the first lag probe has answered (its client is connected and knows
+        the group's coordinator, so a burst right after `up` is READY waits no longer than POLL_S)."""
+        self._probe = LagProbe(self.kafka, self.trigger.group_id, self.topic)
+        deadline = time.monotonic() + timeout_s
+        while (lag := self._probe.lag()) is None and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        self.last_lag = lag
         self._thread.start()
         return self
 

@@ -10,7 +10,7 @@ import pytest
 from shared.eventing import spec
 from shared.eventing.delivery import Outcome, dead_letter_event, retry_after_s, split_batch_reply
 from shared.eventing.filters import FilterError, compile_trigger_filter
-from shared.eventing.kafka_binding import from_record, to_record, wrap_record
+from shared.eventing.kafka_binding import binary_attributes, from_record, to_record, wrap_record
 from shared.eventing.offsets import OffsetTracker
 from shared.events import ERROR_EVENT_TYPE, Event, encode_http, new_event, result_event
 
@@ -125,6 +125,27 @@ def test_offsets_commit_only_contiguous_finished_records() -> None:
     assert tracker.commit_points() == {("t", 0): 6}
     tracker.finish(("t", 0), 6)
     assert tracker.commit_points() == {("t", 0): 8} and tracker.in_flight == 0
+
+
+def test_offsets_of_records_passed_at_once_wait_for_the_ones_before() -> None:
+    tracker = OffsetTracker()
+    tracker.passed(("t", 0), 3)  # nothing before it in flight: committable at once
+    assert tracker.commit_points() == {("t", 0): 4}
+    tracker.add(("t", 0), 4)
+    tracker.passed(("t", 0), 5)
+    assert tracker.commit_points() == {}  # 4 is not final yet
+    tracker.finish(("t", 0), 4)
+    assert tracker.commit_points() == {("t", 0): 6} and tracker.in_flight == 0
+
+
+def test_binary_attributes_are_what_a_full_decode_gives_or_none() -> None:
+    event = new_event("dev.x", "/s", {"a": 1}, {"partitionkey": "k"})
+    _, value, headers = to_record(event)
+    assert binary_attributes(headers) == from_record(headers, value).attributes
+    _, _, structured = to_record(event, "structured")
+    assert binary_attributes(structured) is None  # attributes are in the value: a full decode
+    assert binary_attributes([("other", b"x")]) is None and binary_attributes(None) is None
+    assert binary_attributes([("ce_type", b"\xff")]) is None
 
 
 def test_repository_eventing_yaml_loads() -> None:
