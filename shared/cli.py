@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),
     "traffic": ("shared.traffic", "edit a committed Service's traffic like `kn service update`"),
     "up": ("shared.eventing.up", "broker, event plane and functions from eventing/ with a sample stream (make run)"),
-    "worker": ("shared.eventing.worker", "a function's Trigger as a Kafka consume-infer-produce loop (no HTTP hop)"),
+    "worker": (
+        "shared.eventing.worker_cli",
+        "a function's Trigger as a Kafka consume-infer-produce loop (no HTTP hop)",
+    ),
     "publish": ("shared.eventing.publish", "publish CloudEvents to the broker ingress or a Kafka topic"),
     "results": ("shared.eventing.results", "print the CloudEvents on a result topic as JSON lines"),
     "invoke": ("shared.eventing.invoke", "send one CloudEvent to a function over HTTP and print the reply"),

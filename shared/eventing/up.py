@@ -239,7 +239,8 @@ def worker_scalers(loaded: Any, kafka: Any, args: argparse.Namespace) -> list[An
 
 
 def _say(line: str) -> None:
-    print(line, flush=True)
+    sys.stdout.write(line + "\n")  # one write: the scalers' threads print at the same time
+    sys.stdout.flush()
 
 
 def process_health(broker: Any, platform: Any) -> list[Health]:

@@ -22,11 +22,9 @@ KafkaSinks take it as they take an HTTP reply.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -118,7 +116,14 @@ class WorkerMetrics:
 class KafkaWorker:
     """The loop (`run`) and what it needs: consumer, writer, pipeline on its own event loop."""
 
-    def __init__(self, plan: WorkerPlan, kafka: KafkaConfig, pipeline: Pipeline, assign_all: bool = False) -> None:
+    def __init__(
+        self,
+        plan: WorkerPlan,
+        kafka: KafkaConfig,
+        pipeline: Pipeline,
+        assign_all: bool = False,
+        writer: KafkaWriter | None = None,
+    ) -> None:
         """`assign_all`: read every partition without joining the consumer group (no ~3 s group join
         at a cold start); only for a group's one consumer, as `onnxfn up` runs it. Offsets are the
         group's, committed the same way."""
@@ -133,8 +138,11 @@ class KafkaWorker:
         self.failed: BaseException | None = None
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-loop", daemon=True)
-        self.writer: KafkaWriter | None = None
+        # Made first thing by `main`: an idempotent producer's first acknowledgement waits ~0.5 s
+        # for its producer id, which then overlaps the model load instead of the first batch.
+        self.writer: KafkaWriter | None = writer
         self._lag_at = 0.0
+        self._first_batch_logged = False
 
     @property
     def ready(self) -> bool:
@@ -219,7 +227,14 @@ class KafkaWorker:
         if not batch:
             return
         self.metrics.batch.observe(len(batch))
+        started = time.monotonic()
         results = self._run_batch([event for event, _ in batch])
+        if not self._first_batch_logged:
+            self._first_batch_logged = True
+            log.info(
+                "worker %s: first batch of %d at %.2f s after the process started, run in %.3f s",
+                self.plan.function, len(batch), _process_age_s(), time.monotonic() - started,
+            )  # fmt: skip
         for index, (event, message) in enumerate(batch):
             if isinstance(results, FunctionError):
                 body = orjson.dumps(results.to_json())
@@ -283,7 +298,7 @@ class KafkaWorker:
 
         self._loop_thread.start()
         self._loop.call_soon_threadsafe(self.pipeline.start)
-        self.writer = KafkaWriter(self.kafka)
+        self.writer = self.writer or KafkaWriter(self.kafka)
         results_to = TopicTarget(self.writer, self.plan.broker_topic, "binary")
         limit = self.pipeline.layout.max_batch_size
         consumer = Consumer(self.kafka.consumer(self.plan.trigger.group_id))
@@ -382,14 +397,16 @@ def main(
     host: str,
     port: int,
     assign_all: bool = False,
+    writer: KafkaWriter | None = None,
 ) -> int:
-    """`onnxfn worker`: resolve the plan, load the function, serve until stopped."""
+    """`onnxfn worker`: resolve the plan, load the function, serve until stopped (`worker_cli`)."""
     from shared.config import Settings
     from shared.contract import load_handler
     from shared.eventing import spec
     from shared.metrics import Metrics
 
     plan = WorkerPlan.of(spec.load(eventing_dir, knative_dir), function)
+    writer = writer or KafkaWriter(kafka)
     # One process holds the session: the in-process batcher, never a separate engine, and the
     # onnxruntime threads of the whole machine (the layout divides cores among HTTP workers).
     settings = Settings.from_env(
@@ -398,7 +415,7 @@ def main(
     log.info("worker %s: imports done %.2f s after the process started", function, _process_age_s())
     handler = load_handler(settings.function)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
-    worker = KafkaWorker(plan, kafka, pipeline, assign_all)
+    worker = KafkaWorker(plan, kafka, pipeline, assign_all, writer)
     worker.stop.install()
     server = serve_health(worker, host, port)
     dead = plan.dead_letter[0] if plan.dead_letter else "none (error events to the broker topic)"
@@ -411,40 +428,3 @@ def main(
         return worker.run()
     finally:
         server.shutdown()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from shared.eventing.cliutil import add_bootstrap
-
-    parser.add_argument("function", help="the function (Service) whose Trigger this worker serves")
-    add_bootstrap(parser)
-    parser.add_argument("--eventing", type=Path, default=ROOT / "eventing", help="folder of eventing YAML")
-    parser.add_argument("--knative", type=Path, default=ROOT / "knative", help="folder of Knative Services")
-    parser.add_argument("--host", default=os.environ.get("ONNXFN_HOST", "0.0.0.0"), help="health/metrics address")
-    parser.add_argument(
-        "--assign-all",
-        action="store_true",
-        help="read every partition without joining the group (only as the group's one consumer; `onnxfn up`)",
-    )
-    parser.add_argument(
-        "--port", type=int, default=int(os.environ.get("PORT", "8080")), help="health/metrics port (0: any free one)"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from shared.eventing.cliutil import kafka_config
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return main(
-            args.function,
-            args.eventing,
-            args.knative,
-            kafka_config(args.bootstrap_servers),
-            args.host,
-            args.port,
-            args.assign_all,
-        )
-    except (SpecError, ValueError, OSError) as exc:
-        print(f"worker: {exc}", file=sys.stderr)
-        return 2
