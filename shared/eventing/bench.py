@@ -199,7 +199,7 @@ def pipeline_phase(
     With `function`, that function's requests, and the ids in the result (`ids`)."""
     records = _requests(count, function or "digits")
     sent: dict[str, float] = {}
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     for index, (event_id, key, value, headers) in enumerate(records):
         if rate:
             _wait_until(producer, start + index / rate)
@@ -216,6 +216,7 @@ def pipeline_phase(
     return {
         **({"ids": ids} if function else {}),
         "first_ms": min(latencies, default=float("nan")),
+        "started_at": started_at,
         "events": count,
         "arrived": len(got),
         "offered_per_s": count / max(produced_s, 1e-9),
