@@ -268,7 +268,8 @@ def print_report(report: dict[str, Any]) -> None:
             f"{row['cpu_ms_per_event']['median']:>10.2f} "
             f"{row['first_result_s']['median']:>8.2f} {row['lost']:>5} {row['duplicates']:>5}"
             + (
-                f"  worker cold start {row['cold_start_s']:.2f} s, ready {row['ready_after_send_s']:.2f} s after the send"
+                f"  worker cold start {row['cold_start_s']:.2f} s,"
+                f" ready {row['ready_after_send_s']:.2f} s after the send"
                 if row.get("cold_start_s")
                 else ""
             )
