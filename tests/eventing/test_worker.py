@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -22,6 +25,20 @@ from shared.eventing.worker import MAX_IN_FLIGHT
 from shared.events import ERROR_EVENT_TYPE
 
 SERVICE_REF = "    ref: {apiVersion: serving.knative.dev/v1, kind: Service, name: digits, namespace: $NS}"
+
+
+@contextlib.contextmanager
+def _digits_worker(kafka: KafkaConfig, eventing: Path, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+    """`onnxfn worker digits` on `eventing`, killed on the way out if the test did not stop it."""
+    argv = [sys.executable, "-m", "shared.cli", "worker", "digits", "--eventing", str(eventing)]
+    argv += ["--bootstrap-servers", kafka.bootstrap_servers, "--host", "127.0.0.1", "--port", "0"]
+    worker = subprocess.Popen(argv, cwd=ROOT, text=True, **popen)
+    try:
+        yield worker
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
 
 
 def _trigger(name: str, type_: str, subscriber: str) -> str:
@@ -48,11 +65,8 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
     poison = request("dev.onnxfn.digits.request", {"image": [1, 2, 3]})
     other = request("some.other.type", {"x": 1})
     produce(kafka, broker_topic, [*events[:100], poison, other, *events[100:]])
-    argv = [sys.executable, "-m", "shared.cli", "worker", "digits", "--eventing", str(tmp_path)]
-    argv += ["--bootstrap-servers", kafka.bootstrap_servers, "--host", "127.0.0.1", "--port", "0"]
     env = {**os.environ, "ONNXFN_KAFKA_SESSION_TIMEOUT_MS": "2000", "ONNXFN_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
-    worker = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with _digits_worker(kafka, tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as worker:
         assert worker.stdout is not None
         lines = []
         for line in worker.stdout:  # librdkafka's warnings about the test's consumer settings may come first
@@ -85,10 +99,6 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
         assert "onnxfn_worker_batch_size_count" in metrics and "onnxfn_worker_lag" in metrics
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 def test_worker_without_a_dead_letter_sink_writes_an_error_event(kafka: KafkaConfig, ns: str, tmp_path: Path) -> None:
@@ -105,10 +115,7 @@ def test_worker_without_a_dead_letter_sink_writes_an_error_event(kafka: KafkaCon
     good = request("dev.onnxfn.digits.request", {"image": _digits_images(1)[0][0]})
     poison = request("dev.onnxfn.digits.request", {"image": [1, 2, 3]})
     produce(kafka, broker_topic, [poison, good])
-    argv = [sys.executable, "-m", "shared.cli", "worker", "digits", "--eventing", str(tmp_path)]
-    argv += ["--bootstrap-servers", kafka.bootstrap_servers, "--host", "127.0.0.1", "--port", "0"]
-    worker = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with _digits_worker(kafka, tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as worker:
 
         def answered(seen: dict) -> bool:
             return {good.id, poison.id} <= ids_of(seen[broker_topic], "requestid")
@@ -121,10 +128,6 @@ def test_worker_without_a_dead_letter_sink_writes_an_error_event(kafka: KafkaCon
         assert [e.id for e in seen[broker_topic]].count(poison.id) == 1  # not written back as itself
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
 
 
 def _worker_eventing(tmp_path: Path) -> Path:
