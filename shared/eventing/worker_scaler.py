@@ -59,27 +59,40 @@ def _answers(url: str) -> bool:
 
 
 class LagProbe:
-    """The lag of one consumer group on one topic, read without joining the group."""
+    """The lag of one consumer group on one topic, read without joining the group: two requests a
+    probe (the group's committed offsets, every partition's end offset), as it runs during bursts."""
 
     def __init__(self, kafka: KafkaConfig, group_id: str, topic: str) -> None:
         from confluent_kafka import Consumer
+        from confluent_kafka.admin import AdminClient
 
         self.topic = topic
         self._consumer = Consumer(kafka.consumer(group_id, **{"enable.auto.commit": False}))
+        self._admin = AdminClient(kafka.admin())
+        self._partitions: list[Any] | None = None
+
+    def _offsets(self, partitions: list[Any], spec: Any, timeout_s: float) -> dict[int, int]:
+        futures = self._admin.list_offsets({tp: spec for tp in partitions}, request_timeout=timeout_s)
+        return {tp.partition: future.result().offset for tp, future in futures.items()}
 
     def lag(self, timeout_s: float = 2.0) -> int | None:
-        """Records after the committed offsets (None when the broker did not answer)."""
+        """Records after the committed offsets, as the broker counts them (None when it did not
+        answer). Tansu 0.6 advances a partition's end offset by one per record batch."""
         from confluent_kafka import KafkaException, TopicPartition
+        from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
 
         try:
-            meta = self._consumer.list_topics(self.topic, timeout=timeout_s).topics[self.topic]
-            partitions = [TopicPartition(self.topic, p) for p in meta.partitions]
-            committed = self._consumer.committed(partitions, timeout=timeout_s)
-            total = 0
-            for tp in committed:
-                low, high = self._consumer.get_watermark_offsets(tp, timeout=timeout_s, cached=False)
-                total += max(0, high - (tp.offset if tp.offset >= 0 else low))
-            return total
+            if self._partitions is None:
+                meta = self._consumer.list_topics(self.topic, timeout=timeout_s).topics[self.topic]
+                if meta.error is not None:
+                    return None
+                self._partitions = [TopicPartition(self.topic, p) for p in sorted(meta.partitions)]
+            committed = {tp.partition: tp.offset for tp in self._consumer.committed(self._partitions, timeout_s)}
+            ends = self._offsets(self._partitions, OffsetSpec.latest(), timeout_s)  # type: ignore[no-untyped-call]
+            unset = [tp for tp in self._partitions if committed[tp.partition] < 0]
+            earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+            starts = self._offsets(unset, earliest, timeout_s) if unset else {}
+            return sum(max(0, end - (committed[p] if committed[p] >= 0 else starts[p])) for p, end in ends.items())
         except KafkaException:
             return None
 
