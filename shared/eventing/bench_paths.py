@@ -139,12 +139,10 @@ def _phase(
 
 
 def one_path(kafka: Any, mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from confluent_kafka import Producer
-
     plane = Plane(kafka.bootstrap_servers, eventing_for(mode, workdir / mode))
     out: dict[str, Any] = {}
     try:
-        producer = Producer(kafka.producer(**{"linger.ms": 0}))
+        producer = bench.ready_producer(kafka)
         for function, topic in RESULT_TOPICS.items():
             arrivals = bench.Arrivals(kafka, topic)
             try:
