@@ -78,6 +78,14 @@ def header_value(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def header(scope: Scope, name: bytes) -> str | None:
+    """One request header's value (the first, when repeated), or None; `name` lower-case."""
+    for raw_name, raw_value in scope["headers"]:
+        if raw_name == name:
+            return str(raw_value.decode("latin-1"))
+    return None
+
+
 def event_headers(scope: Scope) -> dict[str, str]:
     """Content-Type and every `ce-*` header (names lower-case); a repeated `ce-*` header is refused."""
     headers: dict[str, str] = {}

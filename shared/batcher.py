@@ -37,13 +37,25 @@ RunFn = Callable[[Feeds], Feeds]
 BatchObserver = Callable[[int, list[float], float], None]
 
 
-class _Item:
-    __slots__ = ("feeds", "future", "rows", "signature", "source", "t_enqueued")
+class RunTiming:
+    """When one item's model run started and finished (perf_counter s) and the run's rows; filled
+    by the batcher for a caller that passes one (a traced event)."""
 
-    def __init__(self, feeds: Feeds, future: asyncio.Future[Feeds], source: int) -> None:
+    __slots__ = ("enqueued", "finished", "rows", "started")
+
+    def __init__(self) -> None:
+        self.enqueued = self.started = self.finished = 0.0
+        self.rows = 0
+
+
+class _Item:
+    __slots__ = ("feeds", "future", "rows", "signature", "source", "t_enqueued", "timing")
+
+    def __init__(self, feeds: Feeds, future: asyncio.Future[Feeds], source: int, timing: RunTiming | None) -> None:
         self.feeds = feeds
         self.source = source
         self.future = future
+        self.timing = timing
         first = next(iter(feeds.values()))
         self.rows = int(first.shape[0]) if first.ndim else 1
         self.signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in feeds.items())
@@ -77,8 +89,11 @@ class DynamicBatcher:
         self._executor = None if inline else ThreadPoolExecutor(threads, thread_name_prefix="onnxfn-infer")
 
     # -- request side (on the loop) -----------------------------------------------------------------
-    def submit(self, feeds: Feeds, *, admitted: bool = False, source: int = 0) -> asyncio.Future[Feeds]:
-        """Queue one item; its future resolves to the item's output rows (`source`: who sent it).
+    def submit(
+        self, feeds: Feeds, *, admitted: bool = False, source: int = 0, timing: RunTiming | None = None
+    ) -> asyncio.Future[Feeds]:
+        """Queue one item; its future resolves to the item's output rows (`source`: who sent it;
+        `timing`, when given, is filled with the run's times).
 
         Raises QueueFull when `capacity` items wait, unless `admitted` (the later items of one
         batched request whose first item was let in: a request larger than the queue still runs).
@@ -86,7 +101,7 @@ class DynamicBatcher:
         if not admitted and len(self._pending) >= self.capacity:
             raise QueueFull(f"batch queue full ({self.capacity} items waiting); retry later")
         loop = asyncio.get_running_loop()
-        item = _Item(feeds, loop.create_future(), source)
+        item = _Item(feeds, loop.create_future(), source, timing)
         self._pending.append(item)
         if not self._scheduled and self._running < self.threads:
             self._scheduled = True
@@ -160,7 +175,16 @@ class DynamicBatcher:
     ) -> None:
         for items, (outcome, started, finished) in zip(groups, results, strict=True):
             offset = 0
+            rows = sum(i.rows for i in items)
             for item in items:
+                if item.timing is not None:
+                    timing = item.timing
+                    timing.enqueued, timing.started, timing.finished, timing.rows = (
+                        item.t_enqueued,
+                        started,
+                        finished,
+                        rows,
+                    )
                 stop = offset + item.rows
                 if not item.future.done():  # done: the request went away (client disconnected)
                     if isinstance(outcome, BaseException):
@@ -169,6 +193,6 @@ class DynamicBatcher:
                         item.future.set_result({name: value[offset:stop] for name, value in outcome.items()})
                 offset = stop
             if self._observe is not None:
-                self._observe(sum(i.rows for i in items), [started - i.t_enqueued for i in items], finished - started)
+                self._observe(rows, [started - i.t_enqueued for i in items], finished - started)
             if self._observe_sources is not None:
                 self._observe_sources(len({i.source for i in items}))

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "invoke": ("shared.eventing.invoke", "send one CloudEvent to a function over HTTP and print the reply"),
     "bench-events": ("shared.eventing.bench", "event-path benchmark: raw broker, then digits end to end"),
     "platform": ("shared.platform.cli", "serve knative/ Services on this machine: activator, scale to zero, traffic"),
+    "traces": ("shared.traces_cli", "the recent traces `onnxfn up` kept, as waterfalls (one event across every hop)"),
     "status": ("shared.platform.status", "services, revisions, traffic, processes and cold starts of the platform"),
     "platform-bench": ("shared.platform.bench", "platform benchmark: cold starts, warm overhead, burst, INT8 vs FP32"),
 }

@@ -296,6 +296,14 @@ def new_event(
     return Event(attributes, data)
 
 
+def with_traceparent(event: Event, traceparent: str | None) -> Event:
+    """A copy of `event` whose trace parent is `traceparent` (the span of the hop handing it on);
+    `event` itself when None (tracing off). Copied, not changed: fan-out shares one decoded event."""
+    if traceparent is None:
+        return event
+    return Event({**event.attributes, "traceparent": traceparent}, event.data, _raw=event._raw)
+
+
 def result_event(request: Event, type_: str, source: str, data: Any, model_version: str, revision: str) -> Event:
     """The reply to `request`: new id, result type, our source; subject, partitionkey and trace context
     carried over; `requestid`, `modelversion` and `revision` extensions."""

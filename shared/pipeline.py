@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from shared.batcher import DynamicBatcher, Feeds
+from shared import tracing
+from shared.batcher import DynamicBatcher, Feeds, RunTiming
 from shared.config import Settings, available_cores
 from shared.contract import FunctionConfig, Handler, Result, bind_model, setup_handler
 from shared.engine import EngineClient
@@ -29,7 +30,7 @@ from shared.errors import (
     ModelNotReady,
     UnknownEventType,
 )
-from shared.events import ERROR_EVENT_TYPE, Event, result_event
+from shared.events import ERROR_EVENT_TYPE, Event, result_event, with_traceparent
 from shared.metrics import Metrics
 from shared.model import ModelInfo, OnnxModel
 from shared.readiness import WorkerReadiness
@@ -319,10 +320,68 @@ class Pipeline:
         """One request event -> its result event. Raises FunctionError."""
         if not self._ready.is_set():
             await self._await_ready()
+        if tracing.enabled():
+            return await self._process_traced(event)
         feeds = self._preprocess(event)
         if self.batcher is None:
             return self._finish(event, feeds)
         return self._finish(event, await self.batcher.submit(feeds))
+
+    async def _process_traced(self, event: Event) -> Event:
+        began = time.perf_counter()
+        try:
+            feeds = self._preprocess(event)
+        except FunctionError as exc:
+            self._trace(event, None, (began, time.perf_counter(), None, 0.0, time.perf_counter()), exc)
+            raise
+        prepared, timing = time.perf_counter(), RunTiming()
+        if self.batcher is not None:
+            feeds = await self._submit(feeds, timing)
+        resumed = time.perf_counter()
+        result = self._finish(event, feeds)
+        return self._trace(event, result, (began, prepared, timing, resumed, time.perf_counter()))
+
+    def _submit(self, feeds: Feeds, timing: RunTiming, admitted: bool = False) -> asyncio.Future[Feeds]:
+        assert self.batcher is not None
+        if isinstance(self.batcher, DynamicBatcher):
+            return self.batcher.submit(feeds, admitted=admitted, timing=timing)
+        return self.batcher.submit(feeds, admitted=admitted)  # the engine: its run is one "inference" span
+
+    def _trace(
+        self,
+        event: Event,
+        result: Event | None,
+        times: tuple[float, float, RunTiming | None, float, float],
+        error: FunctionError | None = None,
+    ) -> Event:
+        """The function's span for one event (preprocess, queue, inference and postprocess as its
+        children; perf_counter times); the result event carries it on as its trace parent."""
+        began, prepared, timing, resumed, done = times
+        epoch = tracing.epoch_s
+        attributes = {
+            "onnxfn.function": self.config.name,
+            "onnxfn.revision": self.revision,
+            "cloudevents.event_id": event.id,
+        }
+        span = tracing.start(
+            f"function {self.config.name}", event.get("traceparent"), epoch(began), "server", attributes
+        )
+        parent = tracing.traceparent(span) if span is not None else None
+        if tracing.is_recording(span):
+            tracing.record("preprocess", parent, epoch(began), epoch(prepared))
+            if timing is not None and timing.started:
+                tracing.record("queue", parent, epoch(timing.enqueued), epoch(timing.started))
+                rows = {"onnxfn.batch.rows": timing.rows}
+                tracing.record("inference", parent, epoch(timing.started), epoch(timing.finished), rows)
+            elif timing is not None and resumed > prepared:
+                tracing.record("inference", parent, epoch(prepared), epoch(resumed), {"onnxfn.engine": True})
+            if result is not None:
+                tracing.record("postprocess", parent, epoch(resumed), epoch(done))
+            failed = error.message if error is not None else ""
+            if result is not None and result.type == ERROR_EVENT_TYPE:
+                failed = str((result.data or {}).get("error", "error event"))
+            tracing.end(span, epoch(done), error=failed)
+        return with_traceparent(result, parent) if result is not None else event
 
     async def process_batch(self, events: list[Event]) -> list[Event]:
         """Many events in one request, all through the batcher together.
@@ -335,26 +394,43 @@ class Pipeline:
         """
         if not self._ready.is_set():
             await self._await_ready()
+        traced = tracing.enabled()
+        began: list[float] = []
         prepared: list[Feeds | FunctionError] = []
         for event in events:
+            if traced:
+                began.append(time.perf_counter())
             try:
                 prepared.append(self._preprocess(event))
             except FunctionError as exc:
                 prepared.append(exc)
+        ready = time.perf_counter() if traced else 0.0
         outputs: dict[int, Feeds] = {}
+        timings: dict[int, RunTiming] = {}
         if self.batcher is not None:
-            await self._run_together(prepared, outputs)
+            await self._run_together(prepared, outputs, timings if traced else None)
+        resumed = time.perf_counter() if traced else 0.0
         results: list[Event] = []
         for index, (event, item) in enumerate(zip(events, prepared, strict=True)):
             if isinstance(item, FunctionError):
-                results.append(self.error_event(event, item))
+                result = self.error_event(event, item)
             else:
-                results.append(self._finish(event, outputs.get(index, item)))
+                result = self._finish(event, outputs.get(index, item))
+            if traced:
+                prepared_at = began[index + 1] if index + 1 < len(began) else ready
+                times = (began[index], prepared_at, timings.get(index), resumed, time.perf_counter())
+                result = self._trace(event, result, times)
+            results.append(result)
         return results
 
-    async def _run_together(self, prepared: list[Feeds | FunctionError], outputs: dict[int, Feeds]) -> None:
+    async def _run_together(
+        self,
+        prepared: list[Feeds | FunctionError],
+        outputs: dict[int, Feeds],
+        timings: dict[int, RunTiming] | None = None,
+    ) -> None:
         """Run every prepared input through the batcher in as few items as their shapes allow;
-        fills `outputs` by event index."""
+        fills `outputs` by event index (and `timings`, when given, with each event's run)."""
         assert self.batcher is not None
         valid = {index: item for index, item in enumerate(prepared) if not isinstance(item, FunctionError)}
         by_shape: dict[tuple[Any, ...], list[int]] = {}
@@ -367,7 +443,12 @@ class Pipeline:
             for start in range(0, len(indices), limit):
                 chunk = indices[start : start + limit]
                 feeds = {name: np.concatenate([valid[i][name] for i in chunk]) for name in valid[chunk[0]]}
-                submitted.append((chunk, self.batcher.submit(feeds, admitted=bool(submitted))))
+                if timings is None:
+                    submitted.append((chunk, self.batcher.submit(feeds, admitted=bool(submitted))))
+                    continue
+                timing = RunTiming()
+                timings.update((i, timing) for i in chunk)
+                submitted.append((chunk, self._submit(feeds, timing, admitted=bool(submitted))))
         failure: BaseException | None = None
         for chunk, future in submitted:
             try:

@@ -127,12 +127,14 @@ def prepare_metrics_dir() -> tuple[str, bool]:
 
 def build_app(settings: Settings) -> Any:
     """What each worker serves: handler, metrics, pipeline and the ASGI app."""
+    from shared import tracing
     from shared.app import create_app
     from shared.contract import load_handler
     from shared.metrics import Metrics
     from shared.pipeline import Pipeline
 
     handler = load_handler(settings.function)
+    tracing.configure(handler.config.name)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))  # the app's lifespan starts it
     return create_app(pipeline, settings.max_body_bytes)
 

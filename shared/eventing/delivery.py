@@ -42,6 +42,8 @@ class Outcome:
     error: str = ""
     attempts: int = 0
     each: list[Outcome] | None = None  # a batched request that succeeded: one outcome per event
+    # every attempt: (start, end, status, error), seconds since the epoch, for the delivery's trace
+    tries: list[tuple[float, float, int | None, str]] = field(default_factory=list)
 
 
 class Abandoned(Exception):
@@ -103,6 +105,10 @@ class HttpSubscriber:
         """One POST of many events in batched mode; when it succeeds, `each` holds every event's outcome
         (matched by the reply's `requestid`; an onnxfn error event is that event's failure)."""
         headers, body = encode_http("batch", events)
+        # The request's own trace context (the activator's span joins it): the first traced event's.
+        traced = next((e.attributes["traceparent"] for e in events if e.attributes.get("traceparent")), None)
+        if traced is not None:
+            headers["traceparent"] = traced
         return self._post(headers, body, lambda status, h, payload: split_batch_reply(events, status, h, payload))
 
     def _post(self, headers: dict[str, str], body: bytes, classify: Any) -> Outcome:
@@ -156,13 +162,18 @@ class HttpSubscriber:
         pending = list(range(len(events)))
         retries = self.delivery.retry or 0
         count = 0
+        tries: list[list[tuple[float, float, int | None, str]]] = [[] for _ in events]
         while True:
+            started = time.time()
             whole = self.attempt_batch([events[i] for i in pending])
+            ended = time.time()
             count += 1
             each = whole.each if whole.ok and whole.each is not None else [dataclasses.replace(whole) for _ in pending]
             again = []
             for index, outcome in zip(pending, each, strict=True):
                 outcome.attempts = count
+                tries[index].append((started, ended, outcome.status, outcome.error))
+                outcome.tries = tries[index]
                 outcomes[index] = outcome
                 if self.retryable(outcome) and count <= retries:
                     again.append(index)
@@ -184,10 +195,14 @@ class HttpSubscriber:
     def _with_retries(self, attempt: Callable[[], Outcome]) -> Outcome:
         retries = self.delivery.retry or 0
         count = 0
+        tries: list[tuple[float, float, int | None, str]] = []
         while True:
+            started = time.time()
             outcome = attempt()
+            tries.append((started, time.time(), outcome.status, outcome.error))
             count += 1
             outcome.attempts = count
+            outcome.tries = tries
             if not self.retryable(outcome) or count > retries:
                 return outcome
             if self.stopping.wait(self._backoff(count, outcome)):

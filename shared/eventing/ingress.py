@@ -24,10 +24,11 @@ from collections.abc import Callable, Mapping
 import orjson
 import uvicorn
 
-from shared.asgi import ClientGone, Receive, Scope, Send, event_headers, read_body, respond
+from shared import tracing
+from shared.asgi import ClientGone, Receive, Scope, Send, event_headers, header, read_body, respond
 from shared.errors import FunctionError
 from shared.eventing.sink import TopicTarget
-from shared.events import decode_http
+from shared.events import decode_http, with_traceparent
 from shared.health import Health, of_thread
 from shared.http_protocol import BoundedHttpToolsProtocol
 
@@ -75,6 +76,7 @@ class IngressApp:
         await respond(send, status, headers, body)
 
     async def _post(self, scope: Scope, receive: Receive, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        arrived = time.time()
         target = self.brokers.get(path)
         if target is None:
             return _answer(404, f"no broker at {path}")
@@ -95,9 +97,15 @@ class IngressApp:
         def on_acked(error: Exception | None) -> None:  # on the producer's thread
             loop.call_soon_threadsafe(settle, error)
 
+        event, span = events[0], None
+        if tracing.enabled():
+            parent = event.get("traceparent") or header(scope, b"traceparent")
+            attributes = {"cloudevents.event_id": event.id, "cloudevents.event_type": event.type, "url.path": path}
+            span = tracing.start(f"ingress {path}", parent, arrived, "server", attributes)
+            event = with_traceparent(event, tracing.traceparent(span))
         error: Exception | None
         try:
-            target.send(events[0], on_acked)
+            target.send(event, on_acked)
         except Exception as exc:  # the producer refused the record (queue full, fatal error)
             error = exc
         else:
@@ -105,6 +113,7 @@ class IngressApp:
                 error = await asyncio.wait_for(acked, ACK_TIMEOUT_S)
             except TimeoutError:
                 error = TimeoutError(f"no acknowledgement within {ACK_TIMEOUT_S:.0f} s")
+        tracing.end(span, error="" if error is None else str(error))
         if error is not None:
             log.warning("ingress: write to %s failed: %s", target.topic, error)
             return _answer(503, f"the broker could not store the event: {error}")

@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from shared import tracing
 from shared.eventing.delivery import Abandoned, HttpSubscriber, Outcome, dead_letter_event
 from shared.eventing.sink import TopicTarget
-from shared.events import Event
+from shared.events import Event, with_traceparent
 from shared.health import FAILED, READY, Health
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,40 @@ log = logging.getLogger(__name__)
 BATCH_REQUESTS_IN_FLIGHT = 4
 Finish = Callable[[], None]
 Target = HttpSubscriber | TopicTarget
+
+
+class TracedFinish:
+    """`finish` of an event whose delivery is traced: ends the delivery's span when it is called."""
+
+    __slots__ = ("finish", "span")
+
+    def __init__(self, span: object, finish: Finish) -> None:
+        self.span = span
+        self.finish = finish
+
+    def __call__(self) -> None:
+        tracing.end(self.span)
+        self.finish()
+
+
+def _trace_outcome(finish: Finish, outcome: Outcome) -> None:
+    """The outcome on the delivery's span, and each attempt as a child span when it was retried."""
+    if not isinstance(finish, TracedFinish) or not tracing.is_recording(finish.span):
+        return
+    span = finish.span
+    attributes = {"onnxfn.delivery.attempts": outcome.attempts, "onnxfn.delivery.ok": outcome.ok}
+    if outcome.status is not None:
+        attributes["http.response.status_code"] = outcome.status
+    span.set_attributes(attributes)  # type: ignore[attr-defined]
+    if not outcome.ok:
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_status(Status(StatusCode.ERROR, outcome.error or f"status {outcome.status}"))  # type: ignore[attr-defined]
+    if len(outcome.tries) > 1:
+        parent = tracing.traceparent(span)
+        for number, (start, end, status, error) in enumerate(outcome.tries, 1):
+            attrs = {"onnxfn.delivery.attempt": number, **({"http.response.status_code": status} if status else {})}
+            tracing.record(f"attempt {number}", parent, start, end, attrs, kind="client", error=error)
 
 
 def describe(target: Target) -> str:
@@ -62,6 +97,14 @@ class Sender:
             thread.start()
 
     def send(self, event: Event, finish: Finish) -> None:
+        if tracing.enabled():
+            span = tracing.start(
+                f"deliver {self.owner}",
+                event.get("traceparent"),
+                kind="producer" if isinstance(self.target, TopicTarget) else "client",
+                attributes={"onnxfn.destination": describe(self.target), "cloudevents.event_type": event.type},
+            )
+            event, finish = with_traceparent(event, tracing.traceparent(span)), TracedFinish(span, finish)
         if isinstance(self.target, TopicTarget):
             self.target.send(event, self._acked(event, finish, f"sink {self.target.name}"))
         elif self.batch > 1:
@@ -120,6 +163,7 @@ class Sender:
         """Reply into the broker, dead-letter, or finish, by the delivery's outcome."""
         if self.on_outcome is not None:
             self.on_outcome(event, outcome)
+        _trace_outcome(finish, outcome)
         if not outcome.ok:
             self.fail(event, outcome, describe(target), finish)
         elif outcome.reply is not None and self.reply_to is not None:

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from shared import tracing
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.kafka_binding import Headers, to_record
-from shared.events import Event
+from shared.events import Event, with_traceparent
 from shared.health import FAILED, Health, of_thread
 
 log = logging.getLogger(__name__)
@@ -218,8 +219,21 @@ class TopicTarget:
         self.name = name or topic
 
     def send(self, event: Event, on_acked: Acked) -> None:
+        if tracing.enabled():
+            event, on_acked = self._traced(event, on_acked)
         key, value, headers = to_record(event, self.content_mode)
         self.writer.produce(self.topic, key, value, headers, on_acked)
+
+    def _traced(self, event: Event, on_acked: Acked) -> tuple[Event, Acked]:
+        """The Kafka write as a span (ended at the broker's acknowledgement); the record carries it."""
+        attributes = {"messaging.system": "kafka", "messaging.destination.name": self.topic}
+        span = tracing.start(f"produce {self.topic}", event.get("traceparent"), kind="producer", attributes=attributes)
+
+        def acked(err: Exception | None) -> None:
+            tracing.end(span, error=str(err) if err is not None else "")
+            on_acked(err)
+
+        return with_traceparent(event, tracing.traceparent(span)), acked
 
     def send_and_wait(self, event: Event, timeout_s: float = 10.0) -> None:
         """Produce and block until acknowledged; raises ProduceError (or TimeoutError)."""

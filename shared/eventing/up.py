@@ -49,6 +49,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_scaling_arguments(parser)
     parser.add_argument("--samples", type=int, default=20, help="sample events per entry function (0: none)")
     parser.add_argument("--quiet", action="store_true", help="do not print results as they arrive")
+    parser.add_argument(
+        "--traces",
+        type=Path,
+        default=None,
+        help="where every process keeps its recent spans (default: beside --state-file; `onnxfn traces` reads them)",
+    )
+    parser.add_argument("--no-traces", action="store_true", help="record no spans (unless OTEL_EXPORTER_OTLP_ENDPOINT)")
+
+
+def trace_dir_of(state_file: Path) -> Path:
+    """Where an `onnxfn up` with this state file keeps spans by default."""
+    return state_file.with_name(state_file.stem + "-traces")
+
+
+def set_up_tracing(args: argparse.Namespace) -> Path | None:
+    """Every process `up` starts records spans (10% of new traces unless OTEL_TRACES_SAMPLER_ARG
+    says otherwise; every trace whose incoming traceparent is sampled) into one folder, exported
+    every 0.5 s so the traces are there to read while events flow."""
+    from shared import tracing
+
+    if args.no_traces:
+        os.environ.pop(tracing.TRACE_DIR_ENV, None)
+        return None
+    directory = args.traces or trace_dir_of(args.state_file)
+    os.environ[tracing.TRACE_DIR_ENV] = str(directory)
+    os.environ.setdefault("OTEL_BSP_SCHEDULE_DELAY", "500")
+    tracing.configure("onnxfn-plane")
+    return directory
 
 
 def entry_functions(loaded: Any) -> list[str]:
@@ -272,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"up: {exc}", file=sys.stderr)
         return 2
     stop = StopSignal().install()
+    traces = set_up_tracing(args)
 
     broker = None
     plane_state = plane_state_file(args.state_file)
@@ -301,7 +330,8 @@ def run(args: argparse.Namespace) -> int:
         plane.start()
         scalers = worker_scalers(loaded, kafka, args)
         plane.health_sources.append(lambda: [s.health() for s in scalers])
-        plane_state.write_text(json.dumps({"pid": os.getpid(), "ingress": plane.ingress_url}))
+        state = {"pid": os.getpid(), "ingress": plane.ingress_url, "traces": str(traces) if traces else None}
+        plane_state.write_text(json.dumps(state))
         print(f"Kafka bootstrap servers: {kafka.bootstrap_servers}" + (" (embedded Tansu)" if broker else ""))
         for b in loaded.brokers.values():
             print(f"broker ingress:  {plane.ingress_url}{b.path}  (topic {b.topic})")
@@ -351,4 +381,7 @@ def run(args: argparse.Namespace) -> int:
             platform.stop()
         if broker is not None:
             broker.stop()
+        from shared import tracing
+
+        tracing.shutdown()
     return exit_code

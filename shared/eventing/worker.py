@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
+from shared import tracing
 from shared.errors import FunctionError, InvalidEvent
 from shared.eventing.broker_process import KafkaConfig
 from shared.eventing.delivery import Outcome, dead_letter_event, failed_reply
@@ -414,6 +415,7 @@ def main(
     )
     log.info("worker %s: imports done %.2f s after the process started", function, _process_age_s())
     handler = load_handler(settings.function)
+    tracing.configure(handler.config.name)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
     worker = KafkaWorker(plan, kafka, pipeline, assign_all, writer)
     worker.stop.install()
@@ -428,3 +430,4 @@ def main(
         return worker.run()
     finally:
         server.shutdown()
+        tracing.shutdown()

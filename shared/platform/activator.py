@@ -19,6 +19,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from shared import tracing
 from shared.platform.http import BadRequest, Request, RequestReader, Response, read_response, simple_response
 from shared.platform.instance import Instance
 from shared.platform.revision import RevisionRuntime, Unavailable
@@ -128,6 +129,8 @@ class Activator:
         runtime.metrics.requests.labels(runtime.spec.service, runtime.spec.name, str(response.status)).inc()
         if cold is not None:
             runtime.record_cold_start(cold, arrived, forwarded, replied)
+        if tracing.enabled():
+            _trace(request, runtime, response.status, arrived, forwarded, replied, cold is not None)
         return request.keep_alive and response.keep_alive
 
     async def forward(
@@ -192,6 +195,27 @@ class Activator:
             inst.give_back(conn, response.keep_alive)
             return response
         raise UpstreamLost
+
+
+def _trace(
+    request: Request,
+    runtime: RevisionRuntime,
+    status: int,
+    arrived: float,
+    forwarded: float,
+    replied: float,
+    cold: bool,
+) -> None:
+    """The activator's span for one request; a cold start (waiting for a process) is its own child."""
+    attributes = {"onnxfn.revision": runtime.spec.name, "http.response.status_code": status, "onnxfn.cold": cold}
+    span = tracing.start(f"activator {runtime.spec.service}", request.traceparent, arrived, "server", attributes)
+    if tracing.is_recording(span):
+        parent = tracing.traceparent(span)
+        if cold:
+            parts = {f"onnxfn.cold_start.{k}_s": v for k, v in (runtime.last_cold_start or {}).get("parts", {}).items()}
+            tracing.record("cold start", parent, arrived, forwarded, parts)
+        tracing.record(f"forward {runtime.spec.name}", parent, forwarded, replied, kind="client")
+    tracing.end(span, replied, error=f"HTTP {status}" if status >= 500 else "")
 
 
 def _choose(targets: list[tuple[RevisionRuntime, int]]) -> RevisionRuntime:

@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from shared import tracing
 from shared.config import PROJECT_ROOT
 from shared.platform.platform import Platform, PlatformOptions, default_state_file
 from shared.platform.revision import ScalingOptions
@@ -48,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         scaling=scaling_options(args),
         state_file=args.state_file,
     )
+    tracing.configure("onnxfn-platform")
     platform = Platform(options)
     platform.start()
     done = StopSignal().install()

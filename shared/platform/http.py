@@ -47,6 +47,7 @@ class Request:
     head: bytes
     body: bytes
     keep_alive: bool
+    traceparent: str | None = None  # the request's W3C trace context (`traceparent`, else `ce-traceparent`)
 
 
 @dataclass
@@ -202,7 +203,10 @@ class RequestReader:
         has_body = body or any(n in (b"content-length", b"transfer-encoding") for n, _ in message.headers)
         head = _head(first, headers, len(body) if has_body else None)
         host = next((v for n, v in message.headers if n == b"host"), b"").decode("latin-1")
-        return Request(method, message.url.decode("latin-1"), host, head, body, message.keep_alive)
+        found = dict((n, v) for n, v in message.headers if n in (b"traceparent", b"ce-traceparent"))
+        trace = found.get(b"traceparent") or found.get(b"ce-traceparent")
+        traceparent = trace.decode("latin-1") if trace else None
+        return Request(method, message.url.decode("latin-1"), host, head, body, message.keep_alive, traceparent)
 
 
 async def read_response(reader: asyncio.StreamReader, method: str) -> Response:
