@@ -320,26 +320,44 @@ class Pipeline:
         """One request event -> its result event. Raises FunctionError."""
         if not self._ready.is_set():
             await self._await_ready()
-        if tracing.enabled():
-            return await self._process_traced(event)
+        span = self._span(event) if tracing.enabled() else None
+        if isinstance(span, tracing.Span) and span.sampled:
+            return await self._process_traced(event, span)
         feeds = self._preprocess(event)
-        if self.batcher is None:
-            return self._finish(event, feeds)
-        return self._finish(event, await self.batcher.submit(feeds))
+        if self.batcher is not None:
+            feeds = await self.batcher.submit(feeds)
+        result = self._finish(event, feeds)
+        return result if span is None else with_traceparent(result, span.traceparent)
 
-    async def _process_traced(self, event: Event) -> Event:
+    def _span(self, event: Event) -> tracing.Span | tracing.PassedOn | None:
+        """The function's span for one event, begun now (the sampling decision is made here, so a
+        trace that is not kept costs the event nothing more)."""
+        span = tracing.start(f"function {self.config.name}", event.get("traceparent"), kind="server")
+        if isinstance(span, tracing.Span) and span.sampled:
+            span.attributes.update(
+                {
+                    "onnxfn.function": self.config.name,
+                    "onnxfn.revision": self.revision,
+                    "cloudevents.event_id": event.id,
+                }
+            )
+        return span
+
+    async def _process_traced(self, event: Event, span: tracing.Span) -> Event:
         began = time.perf_counter()
         try:
             feeds = self._preprocess(event)
         except FunctionError as exc:
-            self._trace(event, None, (began, time.perf_counter(), None, 0.0, time.perf_counter()), exc)
+            done = time.perf_counter()
+            self._trace(span, None, (began, done, None, done, done), exc)
             raise
         prepared, timing = time.perf_counter(), RunTiming()
         if self.batcher is not None:
             feeds = await self._submit(feeds, timing)
         resumed = time.perf_counter()
         result = self._finish(event, feeds)
-        return self._trace(event, result, (began, prepared, timing, resumed, time.perf_counter()))
+        self._trace(span, result, (began, prepared, timing, resumed, time.perf_counter()))
+        return with_traceparent(result, span.traceparent)
 
     def _submit(self, feeds: Feeds, timing: RunTiming, admitted: bool = False) -> asyncio.Future[Feeds]:
         assert self.batcher is not None
@@ -347,41 +365,30 @@ class Pipeline:
             return self.batcher.submit(feeds, admitted=admitted, timing=timing)
         return self.batcher.submit(feeds, admitted=admitted)  # the engine: its run is one "inference" span
 
+    @staticmethod
     def _trace(
-        self,
-        event: Event,
+        span: tracing.Span,
         result: Event | None,
         times: tuple[float, float, RunTiming | None, float, float],
         error: FunctionError | None = None,
-    ) -> Event:
-        """The function's span for one event (preprocess, queue, inference and postprocess as its
-        children; perf_counter times); the result event carries it on as its trace parent."""
+    ) -> None:
+        """End the function's span for one event with its stages as children (perf_counter times):
+        preprocess, queue, inference (with the run's rows) and postprocess."""
         began, prepared, timing, resumed, done = times
         epoch = tracing.epoch_s
-        attributes = {
-            "onnxfn.function": self.config.name,
-            "onnxfn.revision": self.revision,
-            "cloudevents.event_id": event.id,
-        }
-        span = tracing.start(
-            f"function {self.config.name}", event.get("traceparent"), epoch(began), "server", attributes
-        )
-        parent = tracing.traceparent(span) if span is not None else None
-        if tracing.is_recording(span):
-            tracing.record("preprocess", parent, epoch(began), epoch(prepared))
-            if timing is not None and timing.started:
-                tracing.record("queue", parent, epoch(timing.enqueued), epoch(timing.started))
-                rows = {"onnxfn.batch.rows": timing.rows}
-                tracing.record("inference", parent, epoch(timing.started), epoch(timing.finished), rows)
-            elif timing is not None and resumed > prepared:
-                tracing.record("inference", parent, epoch(prepared), epoch(resumed), {"onnxfn.engine": True})
-            if result is not None:
-                tracing.record("postprocess", parent, epoch(resumed), epoch(done))
-            failed = error.message if error is not None else ""
-            if result is not None and result.type == ERROR_EVENT_TYPE:
-                failed = str((result.data or {}).get("error", "error event"))
-            tracing.end(span, epoch(done), error=failed)
-        return with_traceparent(result, parent) if result is not None else event
+        tracing.record("preprocess", span, epoch(began), epoch(prepared))
+        if timing is not None and timing.started:
+            tracing.record("queue", span, epoch(timing.enqueued), epoch(timing.started))
+            rows = {"onnxfn.batch.rows": timing.rows}
+            tracing.record("inference", span, epoch(timing.started), epoch(timing.finished), rows)
+        elif timing is not None and resumed > prepared:
+            tracing.record("inference", span, epoch(prepared), epoch(resumed), {"onnxfn.engine": True})
+        if result is not None:
+            tracing.record("postprocess", span, epoch(resumed), epoch(done))
+        failed = error.message if error is not None else ""
+        if result is not None and result.type == ERROR_EVENT_TYPE:
+            failed = str((result.data or {}).get("error", "error event"))
+        tracing.end(span, epoch(done), error=failed)
 
     async def process_batch(self, events: list[Event]) -> list[Event]:
         """Many events in one request, all through the batcher together.
@@ -394,33 +401,34 @@ class Pipeline:
         """
         if not self._ready.is_set():
             await self._await_ready()
-        traced = tracing.enabled()
+        spans = [self._span(event) for event in events] if tracing.enabled() else None
+        timed = spans is not None and any(s.sampled for s in spans if s is not None)
         began: list[float] = []
         prepared: list[Feeds | FunctionError] = []
         for event in events:
-            if traced:
+            if timed:
                 began.append(time.perf_counter())
             try:
                 prepared.append(self._preprocess(event))
             except FunctionError as exc:
                 prepared.append(exc)
-        ready = time.perf_counter() if traced else 0.0
+        ready = time.perf_counter() if timed else 0.0
         outputs: dict[int, Feeds] = {}
         timings: dict[int, RunTiming] = {}
         if self.batcher is not None:
-            await self._run_together(prepared, outputs, timings if traced else None)
-        resumed = time.perf_counter() if traced else 0.0
+            await self._run_together(prepared, outputs, timings if timed else None)
+        resumed = time.perf_counter() if timed else 0.0
         results: list[Event] = []
         for index, (event, item) in enumerate(zip(events, prepared, strict=True)):
             if isinstance(item, FunctionError):
                 result = self.error_event(event, item)
             else:
                 result = self._finish(event, outputs.get(index, item))
-            if traced:
+            span = spans[index] if spans is not None else None
+            if isinstance(span, tracing.Span) and span.sampled:
                 prepared_at = began[index + 1] if index + 1 < len(began) else ready
-                times = (began[index], prepared_at, timings.get(index), resumed, time.perf_counter())
-                result = self._trace(event, result, times)
-            results.append(result)
+                self._trace(span, result, (began[index], prepared_at, timings.get(index), resumed, time.perf_counter()))
+            results.append(with_traceparent(result, tracing.traceparent(span)))
         return results
 
     async def _run_together(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,11 +33,17 @@ log = logging.getLogger(__name__)
 DEFAULT_RATIO = 0.1
 TRACE_DIR_ENV = "ONNXFN_TRACE_DIR"
 MAX_FILE_BYTES = 4 * 1024 * 1024  # a process's span file is rotated (one old file kept) beyond this
+SAMPLERS = {  # OTEL_TRACES_SAMPLER -> (follows a parent's decision, ratio of the rest; None: the argument)
+    "always_on": (False, 1.0),
+    "always_off": (False, 0.0),
+    "traceidratio": (False, None),
+    "parentbased_always_on": (True, 1.0),
+    "parentbased_always_off": (True, 0.0),
+    "parentbased_traceidratio": (True, None),
+}
 _PERF_TO_EPOCH_S = time.time() - time.perf_counter()
-
-_tracer: Any = None
-_provider: Any = None
-_lock = threading.Lock()
+_LOW_64 = (1 << 64) - 1
+_KINDS = ("internal", "server", "client", "producer", "consumer")  # SpanKind's values, in order
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class TraceSettings:
 
     otlp_endpoint: str | None
     trace_dir: Path | None
-    sampler: str | None  # OTEL_TRACES_SAMPLER when set (then the SDK reads it and its argument)
+    parent_based: bool
     ratio: float
 
     @classmethod
@@ -53,15 +60,19 @@ class TraceSettings:
         disabled = env.get("OTEL_SDK_DISABLED", "").lower() == "true"
         endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         directory = env.get(TRACE_DIR_ENV)
+        name = env.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio").lower()
+        if name not in SAMPLERS:
+            raise ValueError(f"OTEL_TRACES_SAMPLER {name!r} is not one of {', '.join(SAMPLERS)}")
+        parent_based, fixed = SAMPLERS[name]
         try:
-            ratio = float(env.get("OTEL_TRACES_SAMPLER_ARG", DEFAULT_RATIO))
+            ratio = fixed if fixed is not None else float(env.get("OTEL_TRACES_SAMPLER_ARG", DEFAULT_RATIO))
         except ValueError:
             arg = env["OTEL_TRACES_SAMPLER_ARG"]
             raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a number, not {arg!r}") from None
         return cls(
             otlp_endpoint=None if disabled else endpoint or None,
             trace_dir=None if disabled or not directory else Path(directory),
-            sampler=env.get("OTEL_TRACES_SAMPLER") or None,
+            parent_based=parent_based,
             ratio=min(1.0, max(0.0, ratio)),
         )
 
@@ -70,29 +81,63 @@ class TraceSettings:
         return self.otlp_endpoint is not None or self.trace_dir is not None
 
 
+@dataclass(frozen=True)
+class _Tracer:
+    """This process's exporters and sampling, set once by `configure`."""
+
+    settings: TraceSettings
+    processors: tuple[Any, ...]
+    resource: Any
+    scope: Any
+    bound: int  # a new trace is sampled when its id's low 64 bits are below this (TraceIdRatioBased's rule)
+    sdk: Any  # the SDK classes a finished span is built from, imported once
+
+
+_tracer: _Tracer | None = None
+_lock = threading.Lock()
+
+
 def configure(service: str, settings: TraceSettings | None = None) -> bool:
-    """Set up this process's tracer once (later calls keep the first); whether tracing is on."""
-    global _tracer, _provider
+    """Set up this process's tracing once (later calls keep the first); whether it is on."""
+    global _tracer
     settings = settings or TraceSettings.from_env()
     with _lock:
         if _tracer is not None or not settings.enabled:
             return _tracer is not None
         from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-        sampler = None if settings.sampler else ParentBased(TraceIdRatioBased(settings.ratio))
-        provider = TracerProvider(sampler=sampler, resource=Resource.create({"service.name": service}))
+        processors = []
         if settings.trace_dir is not None:
-            provider.add_span_processor(BatchSpanProcessor(span_file_exporter(settings.trace_dir, service)))
+            processors.append(BatchSpanProcessor(span_file_exporter(settings.trace_dir, service)))
         if settings.otlp_endpoint is not None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads OTEL_EXPORTER_OTLP_*
-        _provider, _tracer = provider, provider.get_tracer("onnxfn")
+            processors.append(BatchSpanProcessor(OTLPSpanExporter()))  # reads OTEL_EXPORTER_OTLP_*
+        resource = Resource.create({"service.name": service})
+        bound = round(settings.ratio * (_LOW_64 + 1))
+        scope = InstrumentationScope("onnxfn")
+        _tracer = _Tracer(settings, tuple(processors), resource, scope, bound, _sdk_classes())
         log.info("tracing on for %s (%s)", service, settings)
         return True
+
+
+def _sdk_classes() -> Any:
+    from types import SimpleNamespace
+
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+    return SimpleNamespace(
+        ReadableSpan=ReadableSpan,
+        SpanContext=SpanContext,
+        Status=Status,
+        StatusCode=StatusCode,
+        sampled=TraceFlags(TraceFlags.SAMPLED),
+        unset=Status(StatusCode.UNSET),
+        kinds={name: SpanKind(index) for index, name in enumerate(_KINDS)},
+    )
 
 
 def enabled() -> bool:
@@ -101,8 +146,9 @@ def enabled() -> bool:
 
 def shutdown() -> None:
     """Export what is buffered (at the end of a process)."""
-    if _provider is not None:
-        _provider.shutdown()
+    if _tracer is not None:
+        for processor in _tracer.processors:
+            processor.shutdown()
 
 
 def epoch_s(perf_counter_s: float) -> float:
@@ -110,66 +156,135 @@ def epoch_s(perf_counter_s: float) -> float:
     return perf_counter_s + _PERF_TO_EPOCH_S
 
 
-def _ns(seconds: float) -> int:
-    return int(seconds * 1e9)
+class Span:
+    """One hop's span, recorded when it ends; `traceparent` is what the hop hands on. A span of a
+    trace that is not sampled records nothing and hands its parent's context on unchanged."""
+
+    __slots__ = ("attributes", "error", "kind", "name", "parent_id", "sampled", "span_id", "start_ns", "trace_id")
+
+    def __init__(
+        self, name: str, trace_id: int, parent_id: int | None, sampled: bool, start_ns: int, kind: str
+    ) -> None:
+        self.name, self.trace_id, self.parent_id, self.sampled = name, trace_id, parent_id, sampled
+        self.span_id = random.getrandbits(64) or 1
+        self.start_ns, self.kind = start_ns, kind
+        self.attributes: dict[str, Any] = {}
+        self.error = ""
+
+    @property
+    def traceparent(self) -> str:
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-{'01' if self.sampled else '00'}"
 
 
-def _context(traceparent: str | None) -> Any:
-    if not traceparent:
-        return None
+class PassedOn:
+    """The span of a hop whose parent is not sampled: nothing recorded, the parent's context handed on."""
+
+    __slots__ = ("traceparent",)
+    sampled = False
+
+    def __init__(self, traceparent: str) -> None:
+        self.traceparent = traceparent
+
+
+def _parent_ids(traceparent: str) -> tuple[int, int, bool] | None:
+    """(trace id, span id, sampled) of a W3C traceparent, read by OpenTelemetry's propagator; None
+    when it is malformed (the hop then starts a new trace, as the W3C spec says)."""
+    from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-    return TraceContextTextMapPropagator().extract({"traceparent": traceparent})
-
-
-def traceparent(span: Any) -> str:
-    """The W3C `traceparent` naming `span` as the parent (sampled flag included)."""
-    ctx = span.get_span_context()
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-
-
-def is_recording(span: Any) -> bool:
-    return span is not None and bool(span.is_recording())
+    ctx = trace.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": traceparent}))
+    span_context = ctx.get_span_context()
+    if not span_context.is_valid:
+        return None
+    return span_context.trace_id, span_context.span_id, span_context.trace_flags.sampled
 
 
 def start(
     name: str,
-    parent: str | None,
+    parent: str | Span | None,
     start_s: float | None = None,
     kind: str = "internal",
     attributes: Mapping[str, Any] | None = None,
-) -> Any:
-    """A started span, child of the `parent` traceparent (a new trace when None); None when tracing
-    is off. Its `traceparent(span)` goes on with the event; end it with `end(span, ...)`."""
-    if _tracer is None:
+) -> Span | PassedOn | None:
+    """A span begun at `start_s`, child of `parent`: this process's span, or a remote one's
+    traceparent (a new trace when None or malformed); None when tracing is off. Hand
+    `span.traceparent` on with the event; `end` it."""
+    tracer = _tracer
+    if tracer is None:
         return None
-    from opentelemetry.trace import SpanKind
+    if isinstance(parent, Span):
+        child = Span(name, parent.trace_id, parent.span_id, parent.sampled, _start_ns(start_s), kind)
+        if parent.sampled and attributes:
+            child.attributes.update(attributes)
+        return child
+    ids = None
+    parent_id: int | None
+    if parent:
+        # W3C trace-flags are the last two hex digits: an unsampled parent is passed on without
+        # parsing it (the hot path for the traces a parent-based sampler does not keep).
+        if tracer.settings.parent_based and len(parent) == 55 and not int(parent[-2:], 16) & 1:
+            return PassedOn(parent)
+        ids = _parent_ids(parent)
+    if ids is not None and tracer.settings.parent_based:
+        trace_id, parent_id, sampled = ids
+    else:
+        trace_id = ids[0] if ids is not None else random.getrandbits(128) or 1
+        parent_id = ids[1] if ids is not None else None
+        sampled = (trace_id & _LOW_64) < tracer.bound
+    span = Span(name, trace_id, parent_id, sampled, _start_ns(start_s), kind)
+    if sampled and attributes:
+        span.attributes.update(attributes)
+    return span
 
-    return _tracer.start_span(
-        name,
-        context=_context(parent),
-        kind=getattr(SpanKind, kind.upper()),
-        attributes=dict(attributes) if attributes else None,
-        start_time=_ns(start_s if start_s is not None else time.time()),
-    )
+
+def _start_ns(start_s: float | None) -> int:
+    return int((start_s if start_s is not None else time.time()) * 1e9)
 
 
-def end(span: Any, end_s: float | None = None, attributes: Mapping[str, Any] | None = None, error: str = "") -> None:
-    """End `span` (a no-op for None or a span of a trace not sampled)."""
-    if not is_recording(span):
+def traceparent(span: Span | PassedOn | None) -> str | None:
+    """What a hop hands on as the next hop's parent (None when tracing is off)."""
+    return None if span is None else span.traceparent
+
+
+def is_recording(span: Span | PassedOn | None) -> bool:
+    return span is not None and span.sampled
+
+
+def end(
+    span: Span | PassedOn | None,
+    end_s: float | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    error: str = "",
+) -> None:
+    """Record `span` as ended at `end_s` (nothing for None or a trace not sampled)."""
+    tracer = _tracer
+    if tracer is None or not isinstance(span, Span) or not span.sampled:
         return
+    sdk = tracer.sdk
     if attributes:
-        span.set_attributes(dict(attributes))
-    if error:
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, error))
-    span.end(end_time=_ns(end_s if end_s is not None else time.time()))
+        span.attributes.update(attributes)
+    flags = sdk.sampled
+    parent = None if span.parent_id is None else sdk.SpanContext(span.trace_id, span.parent_id, True, flags)
+    failed = error or span.error
+    finished = sdk.ReadableSpan(
+        name=span.name,
+        context=sdk.SpanContext(span.trace_id, span.span_id, False, flags),
+        parent=parent,
+        resource=tracer.resource,
+        attributes=span.attributes,
+        kind=sdk.kinds[span.kind],
+        status=sdk.Status(sdk.StatusCode.ERROR, failed) if failed else sdk.unset,
+        start_time=span.start_ns,
+        end_time=int((end_s if end_s is not None else time.time()) * 1e9),
+        instrumentation_scope=tracer.scope,
+    )
+    for processor in tracer.processors:
+        processor.on_end(finished)
 
 
 def record(
     name: str,
-    parent: str | None,
+    parent: str | Span | None,
     start_s: float,
     end_s: float,
     attributes: Mapping[str, Any] | None = None,
@@ -181,7 +296,7 @@ def record(
     if span is None:
         return None
     end(span, end_s, error=error)
-    return traceparent(span)
+    return span.traceparent
 
 
 # -- the embedded store: JSON lines per process, read back by `onnxfn traces` and the console ------

@@ -28,12 +28,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument("--providers", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     parser.add_argument("--workers", type=int, help="gunicorn workers for the function (default: its config)")
+    parser.add_argument(
+        "--tracing", action="store_true", help="what traces cost: the first of --functions, tracing off / 10%% / 100%%"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.peers:
         return run_peers(args)
+    if args.tracing:
+        from shared.bench import tracing_overhead
+
+        concurrency = int(args.concurrency.split(",")[-1])
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("bench-tracing.json")
+        return tracing_overhead.run(args.functions.split(",")[0], args.rounds, concurrency, args.duration, out)
     from shared.bench.functions import BenchOptions, bench_function, print_report
 
     options = BenchOptions(

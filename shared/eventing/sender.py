@@ -34,7 +34,7 @@ class TracedFinish:
 
     __slots__ = ("finish", "span")
 
-    def __init__(self, span: object, finish: Finish) -> None:
+    def __init__(self, span: tracing.Span | tracing.PassedOn | None, finish: Finish) -> None:
         self.span = span
         self.finish = finish
 
@@ -45,22 +45,18 @@ class TracedFinish:
 
 def _trace_outcome(finish: Finish, outcome: Outcome) -> None:
     """The outcome on the delivery's span, and each attempt as a child span when it was retried."""
-    if not isinstance(finish, TracedFinish) or not tracing.is_recording(finish.span):
+    if not isinstance(finish, TracedFinish) or not isinstance(finish.span, tracing.Span) or not finish.span.sampled:
         return
     span = finish.span
-    attributes = {"onnxfn.delivery.attempts": outcome.attempts, "onnxfn.delivery.ok": outcome.ok}
+    span.attributes.update({"onnxfn.delivery.attempts": outcome.attempts, "onnxfn.delivery.ok": outcome.ok})
     if outcome.status is not None:
-        attributes["http.response.status_code"] = outcome.status
-    span.set_attributes(attributes)  # type: ignore[attr-defined]
+        span.attributes["http.response.status_code"] = outcome.status
     if not outcome.ok:
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_status(Status(StatusCode.ERROR, outcome.error or f"status {outcome.status}"))  # type: ignore[attr-defined]
+        span.error = outcome.error or f"status {outcome.status}"
     if len(outcome.tries) > 1:
-        parent = tracing.traceparent(span)
         for number, (start, end, status, error) in enumerate(outcome.tries, 1):
             attrs = {"onnxfn.delivery.attempt": number, **({"http.response.status_code": status} if status else {})}
-            tracing.record(f"attempt {number}", parent, start, end, attrs, kind="client", error=error)
+            tracing.record(f"attempt {number}", span, start, end, attrs, kind="client", error=error)
 
 
 def describe(target: Target) -> str:

@@ -209,8 +209,8 @@ def _trace(
     """The activator's span for one request; a cold start (waiting for a process) is its own child."""
     attributes = {"onnxfn.revision": runtime.spec.name, "http.response.status_code": status, "onnxfn.cold": cold}
     span = tracing.start(f"activator {runtime.spec.service}", request.traceparent, arrived, "server", attributes)
-    if tracing.is_recording(span):
-        parent = tracing.traceparent(span)
+    if isinstance(span, tracing.Span) and span.sampled:
+        parent = span
         if cold:
             parts = {f"onnxfn.cold_start.{k}_s": v for k, v in (runtime.last_cold_start or {}).get("parts", {}).items()}
             tracing.record("cold start", parent, arrived, forwarded, parts)
