@@ -299,7 +299,7 @@ def new_event(
 def with_traceparent(event: Event, traceparent: str | None) -> Event:
     """A copy of `event` whose trace parent is `traceparent` (the span of the hop handing it on);
     `event` itself when None (tracing off). Copied, not changed: fan-out shares one decoded event."""
-    if traceparent is None:
+    if traceparent is None or traceparent == event.attributes.get("traceparent"):
         return event
     return Event({**event.attributes, "traceparent": traceparent}, event.data, _raw=event._raw)
 

@@ -332,7 +332,9 @@ class Pipeline:
     def _span(self, event: Event) -> tracing.Span | tracing.PassedOn | None:
         """The function's span for one event, begun now (the sampling decision is made here, so a
         trace that is not kept costs the event nothing more)."""
-        span = tracing.start(f"function {self.config.name}", event.get("traceparent"), kind="server")
+        # An event with no trace context is an HTTP call answered to its caller: a new trace that
+        # is not kept hands nothing on (the result's hops decide for themselves).
+        span = tracing.start(f"function {self.config.name}", event.get("traceparent"), kind="server", mark_unkept=False)
         if isinstance(span, tracing.Span) and span.sampled:
             span.attributes.update(
                 {

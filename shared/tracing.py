@@ -177,13 +177,17 @@ class Span:
 
 
 class PassedOn:
-    """The span of a hop whose parent is not sampled: nothing recorded, the parent's context handed on."""
+    """The span of a hop whose trace is not kept: nothing recorded; the parent's context is handed
+    on unchanged (None: a new trace not kept by a hop that hands nothing on)."""
 
     __slots__ = ("traceparent",)
     sampled = False
 
-    def __init__(self, traceparent: str) -> None:
+    def __init__(self, traceparent: str | None) -> None:
         self.traceparent = traceparent
+
+
+NOT_KEPT = PassedOn(None)
 
 
 def _parent_ids(traceparent: str) -> tuple[int, int, bool] | None:
@@ -205,10 +209,13 @@ def start(
     start_s: float | None = None,
     kind: str = "internal",
     attributes: Mapping[str, Any] | None = None,
+    mark_unkept: bool = True,
 ) -> Span | PassedOn | None:
     """A span begun at `start_s`, child of `parent`: this process's span, or a remote one's
     traceparent (a new trace when None or malformed); None when tracing is off. Hand
-    `span.traceparent` on with the event; `end` it."""
+    `span.traceparent` on with the event; `end` it. A new trace that is not kept gets an
+    unsampled traceparent for the next hops, unless `mark_unkept` is False (a hop that answers
+    its caller directly): then NOT_KEPT, at no cost."""
     tracer = _tracer
     if tracer is None:
         return None
@@ -222,14 +229,19 @@ def start(
     if parent:
         # W3C trace-flags are the last two hex digits: an unsampled parent is passed on without
         # parsing it (the hot path for the traces a parent-based sampler does not keep).
-        if tracer.settings.parent_based and len(parent) == 55 and not int(parent[-2:], 16) & 1:
+        if tracer.settings.parent_based and len(parent) == 55 and parent[-1] in "02468ace":
             return PassedOn(parent)
         ids = _parent_ids(parent)
-    if ids is not None and tracer.settings.parent_based:
+    if ids is not None:
         trace_id, parent_id, sampled = ids
+        if not tracer.settings.parent_based:  # a ratio sampler judges every trace id itself
+            sampled = (trace_id & _LOW_64) < tracer.bound
+    elif not mark_unkept:
+        if random.random() >= tracer.settings.ratio:
+            return NOT_KEPT
+        trace_id, parent_id, sampled = random.getrandbits(128) or 1, None, True
     else:
-        trace_id = ids[0] if ids is not None else random.getrandbits(128) or 1
-        parent_id = ids[1] if ids is not None else None
+        trace_id, parent_id = random.getrandbits(128) or 1, None
         sampled = (trace_id & _LOW_64) < tracer.bound
     span = Span(name, trace_id, parent_id, sampled, _start_ns(start_s), kind)
     if sampled and attributes:
