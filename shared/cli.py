@@ -13,6 +13,10 @@ from collections.abc import Sequence
 # name -> (module, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("shared.serve", "run one function under gunicorn on $PORT (the container's command)"),
+    "new": (
+        "shared.scaffold",
+        "a new function from an ONNX file: handler, test, Trigger, Services (make run serves it)",
+    ),
     "build-models": ("shared.build_models", "build the functions' ONNX models when missing"),
     "bench": ("shared.bench.cli", "benchmark: --peers vs naive Flask, KServe, MLServer; else digits, embed vs raw ORT"),
     "render": ("shared.render", "render knative/ Services from the functions' configs (--check: verify)"),

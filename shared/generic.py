@@ -27,24 +27,21 @@ MODEL_FILE_ENV = "ONNXFN_MODEL_FILE"
 NAME_ENV = "ONNXFN_FUNCTION_NAME"
 
 
-class GenericHandler:
-    """Tensor in, tensor out for one ONNX file; learns the tensors when the model is loaded."""
+class TensorHandler:
+    """The tensor wire of one ONNX model (`inputs` and `outputs` specs): `{"instances": [row]}`
+    or `{"inputs": {name: row}}` in, `{"predictions": [row]}` or `{"outputs": {name: row}}` out.
+    A scaffolded function (`onnxfn new`) declares its specs; the generic function learns them."""
 
-    def __init__(self, model_path: Path, name: str | None = None) -> None:
-        name = name or model_path.stem.replace("_", "-")
-        self.config = FunctionConfig(
-            name=name,
-            accepts=(f"dev.onnxfn.{name}.request",),
-            result_types=(f"dev.onnxfn.{name}.result",),
-            model_file=model_path.name,
-        )
-        self.model_dir = model_path.parent
-        self.inputs: list[TensorSpec] = []
-        self.outputs: list[TensorSpec] = []
+    config: FunctionConfig
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
 
     def bind_model(self, model: ModelInfo) -> None:
-        """Called by the pipeline with the loaded model: its inputs and outputs define the wire."""
-        self.inputs, self.outputs = model.inputs, model.outputs
+        """Called with the loaded model before warm-up: its tensors must be the declared ones."""
+        declared = [(s.name, s.dtype, s.shape[1:]) for s in self.inputs]
+        loaded = [(s.name, s.dtype, s.shape[1:]) for s in model.inputs]
+        if declared != loaded:
+            raise ValueError(f"{self.config.name}: the model's inputs {loaded} are not the declared {declared}")
 
     def preprocess(self, data: Any) -> Feeds:
         if not isinstance(data, dict):
@@ -83,6 +80,26 @@ class GenericHandler:
     def example(self) -> Any:
         """Zeros of every input's shape (dynamic axes as 1): what warm-up runs."""
         return {"inputs": {spec.name: np.zeros(_row_shape(spec), spec.dtype).tolist() for spec in self.inputs}}
+
+
+class GenericHandler(TensorHandler):
+    """Tensor in, tensor out for one ONNX file; learns the tensors when the model is loaded."""
+
+    def __init__(self, model_path: Path, name: str | None = None) -> None:
+        name = name or model_path.stem.replace("_", "-")
+        self.config = FunctionConfig(
+            name=name,
+            accepts=(f"dev.onnxfn.{name}.request",),
+            result_types=(f"dev.onnxfn.{name}.result",),
+            model_file=model_path.name,
+        )
+        self.model_dir = model_path.parent
+        self.inputs = []
+        self.outputs = []
+
+    def bind_model(self, model: ModelInfo) -> None:
+        """Its inputs and outputs define the wire."""
+        self.inputs, self.outputs = model.inputs, model.outputs
 
 
 def _row_shape(spec: TensorSpec) -> tuple[int, ...]:

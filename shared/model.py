@@ -90,7 +90,7 @@ def choose_providers(requested: str) -> list[str]:
     return providers
 
 
-def _spec(arg: Any) -> TensorSpec:
+def tensor_spec(arg: Any) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else None for d in arg.shape)
     return TensorSpec(arg.name, ONNX_DTYPES.get(arg.type, np.dtype(np.float32)), shape, arg.type)
 
@@ -173,8 +173,8 @@ class OnnxModel:
         if pending is not None and pending[0].is_file():
             os.replace(pending[0], pending[1])
         self.providers = self.session.get_providers()
-        self.inputs = [_spec(a) for a in self.session.get_inputs()]
-        self.outputs = [_spec(a) for a in self.session.get_outputs()]
+        self.inputs = [tensor_spec(a) for a in self.session.get_inputs()]
+        self.outputs = [tensor_spec(a) for a in self.session.get_outputs()]
         self.output_names = [o.name for o in self.outputs]
         self.on_gpu = self.providers[0] != "CPUExecutionProvider"
 
