@@ -5,7 +5,8 @@ folder as `onnxfn up` does), the order alternating round by round; then, for sca
 with every trace kept (`OTEL_TRACES_SAMPLER_ARG=1`). hey posts binary-mode CloudEvents with no
 `traceparent` (each request starts a trace, sampled at the ratio) at one concurrency. Reported:
 median requests/s with the spread over rounds, server CPU ms per request, and the on/off ratios
-(the budget: 10% sampling within 5% of off).
+of both; the budget (10% sampling within 5% of off) is judged on capacity, 1 / CPU per request,
+since req/s with hey on the same cores varies more between rounds than tracing costs.
 """
 
 from __future__ import annotations
@@ -76,8 +77,12 @@ def bench_tracing(function: str, rounds: int, concurrency: int, seconds: float) 
             "spans_kept": statistics.median(r["spans_kept"] for r in results),
             "non_200": sum(r["non_200"] for r in results),
         }
-    off = summary["off"]["req_per_s"]
+    off, off_cpu = summary["off"]["req_per_s"], summary["off"]["cpu_ms_per_req"]
     ratios = {f"{mode}_over_off": summary[mode]["req_per_s"] / off for mode in MODES if mode != "off"}
+    # Capacity (requests per CPU second) on/off: what the server can do, less noisy here than req/s
+    # with hey on the same two cores.
+    on_modes = [mode for mode in MODES if mode != "off"]
+    ratios |= {f"{mode}_capacity_over_off": off_cpu / summary[mode]["cpu_ms_per_req"] for mode in on_modes}
     return {
         "function": function,
         "rounds": rounds,
@@ -87,7 +92,7 @@ def bench_tracing(function: str, rounds: int, concurrency: int, seconds: float) 
         "modes": summary,
         "runs": runs,
         "ratios": ratios,
-        "within_budget": ratios["10%_over_off"] >= BUDGET,
+        "within_budget": ratios["10%_capacity_over_off"] >= BUDGET,
     }
 
 
@@ -102,7 +107,7 @@ def print_tracing(report: dict[str, Any]) -> None:
         )
     ratios = ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items())
     verdict = "yes" if report["within_budget"] else "NO"
-    print(f"ratios: {ratios}; 10% sampling within 5% of off: {verdict}")
+    print(f"ratios: {ratios}; 10% sampling within 5% of off (capacity, 1/CPU per request): {verdict}")
 
 
 def run(function: str, rounds: int, concurrency: int, seconds: float, out: Path) -> int:

@@ -102,7 +102,10 @@ class Sender:
             )
             event, finish = with_traceparent(event, tracing.traceparent(span)), TracedFinish(span, finish)
         if isinstance(self.target, TopicTarget):
-            self.target.send(event, self._acked(event, finish, f"sink {self.target.name}"))
+            acked = self._acked(event, finish, f"sink {self.target.name}")
+            if self.on_outcome is not None:
+                acked = self._reported(event, acked)
+            self.target.send(event, acked)
         elif self.batch > 1:
             self._queue.put((event, finish))
         else:
@@ -144,6 +147,17 @@ class Sender:
                 log.error("%s: event %s not acknowledged by %s (%s); left uncommitted", self.owner, event.id, what, err)
 
         return acked
+
+    def _reported(self, event: Event, acked: Callable[[Exception | None], None]) -> Callable[[Exception | None], None]:
+        """`acked`, telling `on_outcome` first (a write to a topic has no other outcome)."""
+        hook = self.on_outcome
+        assert hook is not None
+
+        def reported(err: Exception | None) -> None:
+            hook(event, Outcome(err is None, error="" if err is None else str(err)))
+            acked(err)
+
+        return reported
 
     def _deliver(self, target: HttpSubscriber, event: Event, finish: Finish) -> None:
         try:

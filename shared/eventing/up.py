@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where every process keeps its recent spans (default: beside --state-file; `onnxfn traces` reads them)",
     )
     parser.add_argument("--no-traces", action="store_true", help="record no spans (unless OTEL_EXPORTER_OTLP_ENDPOINT)")
+    parser.add_argument("--console-port", type=int, default=0, help="port of the live console (0: any free port)")
+    parser.add_argument("--no-console", action="store_true", help="serve no console")
 
 
 def trace_dir_of(state_file: Path) -> Path:
@@ -271,6 +273,29 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def start_console(plane: Any, kafka: Any, platform: Any, traces: Path | None, port: int) -> Any:
+    """The live console on `port`, its state gathered from the plane, the platform and the traces."""
+    from shared.eventing.console import ConsoleServer, ConsoleState
+    from shared.eventing.sink import TopicTarget
+
+    assert plane.writer is not None
+    topic = next(iter(plane.spec.brokers.values())).topic
+    status = platform.status if platform is not None else None
+    state = ConsoleState(plane, kafka, status, traces, TopicTarget(plane.writer, topic)).start()
+    server = ConsoleServer(state, port=port).start()
+    return _Console(state, server)
+
+
+class _Console:
+    def __init__(self, state: Any, server: Any) -> None:
+        self.state, self.server = state, server
+        self.url = server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.state.stop()
+
+
 def process_health(broker: Any, platform: Any) -> list[Health]:
     """The embedded broker and the platform process: ready while they run, failed once exited."""
     found = []
@@ -310,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
     watcher = None
     plane = None
     printer = None
+    console = None
     try:
         kafka, broker = connect(args.bootstrap_servers)
         urls = parse_extensions(args.function_url)
@@ -336,6 +362,9 @@ def run(args: argparse.Namespace) -> int:
         for b in loaded.brokers.values():
             print(f"broker ingress:  {plane.ingress_url}{b.path}  (topic {b.topic})")
         print_urls(platform, urls)
+        if not args.no_console:
+            console = start_console(plane, kafka, platform, traces, args.console_port)
+            print(f"console:         {console.url}  (functions, triggers, dead letters, traces; live)")
         inputs = [t for s in loaded.sources for t in s.topics]
         sinks = sorted(s.topic for s in loaded.sinks.values())
         print(f"input topics:    {', '.join(inputs)}")
@@ -371,6 +400,8 @@ def run(args: argparse.Namespace) -> int:
         plane_state.unlink(missing_ok=True)
         if printer is not None:
             printer.stop()
+        if console is not None:
+            console.stop()
         if watcher is not None:
             watcher.stop()
         for scaler in scalers:
