@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models chromium run test fault-test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
+.PHONY: setup models chromium promtool run test fault-test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy shared
 
-pytest: models chromium
+pytest: models chromium promtool
 	$(BIN)/pytest -q
 
 # The console's browser test drives Debian's chromium; where apt cannot install it, that test skips.
@@ -35,6 +35,12 @@ chromium:
 	@command -v chromium >/dev/null || { apt-get install -y -qq chromium >/dev/null 2>&1 || \
 		{ apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }; } || \
 		echo "chromium could not be installed: the console's browser test will skip"
+
+# promtool (Debian's prometheus package) checks observability/prometheusrule.yaml; without it that test skips.
+promtool:
+	@command -v promtool >/dev/null || { apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; } || \
+		echo "promtool could not be installed: the alert rules' promtool test will skip"
 
 test: lint typecheck pytest
 

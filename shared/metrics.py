@@ -86,6 +86,14 @@ class Metrics:
             buckets=SETUP_BUCKETS,
             registry=r,
         )
+        startup = Histogram(
+            "onnxfn_startup_seconds",
+            "Server process start to this worker's readiness: the pod's share of a cold start",
+            ["function"],
+            buckets=SETUP_BUCKETS,
+            registry=r,
+        )
+        self.startup = startup.labels(function)
         engine_workers = Histogram(
             "onnxfn_engine_batch_workers",
             "HTTP workers whose items shared one model run of the shared engine",

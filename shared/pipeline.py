@@ -115,6 +115,9 @@ class Pipeline:
         self.batcher: DynamicBatcher | EngineClient | None = None
         self.load_error: str | None = None
         self.timings: dict[str, float] = {}
+        # When the server process started (set by whoever knows it: serve, the Kafka worker); the
+        # startup histogram observes start -> ready.
+        self.server_started_at: float | None = None
         self._ready = threading.Event()
         self.workers = WorkerReadiness(settings.state_dir, self.layout.workers)
 
@@ -179,6 +182,8 @@ class Pipeline:
                 engine_pid=hello["pid"],
                 ready_at=time.time(),
             )
+            if self.server_started_at is not None:
+                self.metrics.startup.observe(time.time() - self.server_started_at)
             self._ready.set()
             self.workers.mark_ready()
             log.info("function %s ready on the engine (pid %d, %s)", self.config.name, hello["pid"], client.providers)
@@ -223,6 +228,8 @@ class Pipeline:
         self.timings.update(model_load_s=t1 - t0, warmup_s=t2 - t1, run_ms=run_s * 1000, ready_at=time.time())
         self.metrics.model_load.observe(t1 - t0)
         self.metrics.warmup.observe(t2 - t1)
+        if self.server_started_at is not None:
+            self.metrics.startup.observe(time.time() - self.server_started_at)
         self._ready.set()
         self.workers.mark_ready()
         log.info(

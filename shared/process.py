@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -119,3 +120,10 @@ def start_functions(names: list[str], log_dir: Path, timeout_s: float = 180.0) -
             process.stop(timeout=5)
         raise
     return processes
+
+
+def process_started_at(pid: int) -> float:
+    """When process `pid` started, in seconds since the epoch (from /proc)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")

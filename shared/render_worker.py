@@ -59,7 +59,12 @@ def deployment(
     pod = service["spec"]["template"]["spec"]
     function = pod["containers"][0]
     name = f"{config.name}-worker"
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "onnxfn", "onnxfn.dev/variant": variant.name}
+    labels = {
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/component": "worker",  # observability/podmonitors.yaml scrapes these
+        "app.kubernetes.io/part-of": "onnxfn",
+        "onnxfn.dev/variant": variant.name,
+    }
     numbers = render.plan(config, variant)
     env = [e for e in function["env"] if e["name"] in ("ONNXFN_FUNCTION", "ONNXFN_PROVIDERS")]
     env.append({"name": "KAFKA_BOOTSTRAP_SERVERS", "value": bootstrap})

@@ -132,10 +132,12 @@ def build_app(settings: Settings) -> Any:
     from shared.contract import load_handler
     from shared.metrics import Metrics
     from shared.pipeline import Pipeline
+    from shared.process import process_started_at
 
     handler = load_handler(settings.function)
     tracing.configure(handler.config.name)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))  # the app's lifespan starts it
+    pipeline.server_started_at = process_started_at(os.getppid())  # the gunicorn master: the pod's server
     return create_app(pipeline, settings.max_body_bytes)
 
 

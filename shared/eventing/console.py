@@ -159,7 +159,7 @@ class ConsoleState:
 
     def _gather(self) -> None:
         now = time.time()
-        triggers = []
+        triggers: list[dict[str, Any]] = []
         for name in [n for n in self.groups if n not in self.counters]:  # worker Triggers
             triggers.append({"name": f"{name} (worker)", "events_per_s": None, "delivered": None, "failed": None,
                              "lag": self.lags.get(name), "history": []})  # fmt: skip

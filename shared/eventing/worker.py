@@ -351,9 +351,9 @@ class KafkaWorker:
 
 def _process_age_s() -> float:
     """Seconds since this process started (from /proc: includes the interpreter's start and imports)."""
-    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    uptime = float(Path("/proc/uptime").read_text().split()[0])
-    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    from shared.process import process_started_at
+
+    return time.time() - process_started_at(os.getpid())
 
 
 def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServer:
@@ -417,6 +417,7 @@ def main(
     handler = load_handler(settings.function)
     tracing.configure(handler.config.name)
     pipeline = Pipeline(handler, settings, Metrics(handler.config.name))
+    pipeline.server_started_at = time.time() - _process_age_s()
     worker = KafkaWorker(plan, kafka, pipeline, assign_all, writer)
     worker.stop.install()
     server = serve_health(worker, host, port)
