@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "publish": ("shared.eventing.publish", "publish CloudEvents to the broker ingress or a Kafka topic"),
     "results": ("shared.eventing.results", "print the CloudEvents on a result topic as JSON lines"),
     "invoke": ("shared.eventing.invoke", "send one CloudEvent to a function over HTTP and print the reply"),
+    "plot": ("shared.bench.plots", "PNGs of benchmark reports (peers, functions' cold starts, soak), next to the JSON"),
     "bench-events": ("shared.eventing.bench", "event-path benchmark: raw broker, then digits end to end"),
     "platform": ("shared.platform.cli", "serve knative/ Services on this machine: activator, scale to zero, traffic"),
     "traces": ("shared.traces_cli", "the recent traces `onnxfn up` kept, as waterfalls (one event across every hop)"),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from shared.build_models import write_metadata
+from shared.progress import steps
 
 VERSION = "1"
 INT8_VERSION = "2"
@@ -106,7 +107,7 @@ def _fit(x_train: np.ndarray, y_train: np.ndarray) -> Any:
     xs, ys = torch.from_numpy(x_train), torch.from_numpy(y_train)
     generator = torch.Generator().manual_seed(SEED)
     model.train()
-    for _ in range(EPOCHS):
+    for _ in steps(range(EPOCHS), "digits: training", unit="epoch"):
         order = torch.randperm(len(xs), generator=generator)
         for start in range(0, len(xs), BATCH_SIZE):
             idx = order[start : start + BATCH_SIZE]

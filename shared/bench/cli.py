@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 DEFAULT_OUT = Path("bench-results/bench.json")
 
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracing", action="store_true", help="what traces cost: the first of --functions, tracing off / 10%% / 100%%"
     )
+    parser.add_argument("--plot", action="store_true", help="also write PNGs next to the JSON (onnxfn plot)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
@@ -59,7 +61,16 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten {args.out}")
+    _plot(args, report, args.out)
     return 0
+
+
+def _plot(args: argparse.Namespace, report: dict[str, Any], out: Path) -> None:
+    if args.plot:
+        from shared.bench.plots import plot
+
+        for png in plot(report, out):
+            print(f"wrote {png}")
 
 
 def run_peers(args: argparse.Namespace) -> int:
@@ -76,4 +87,5 @@ def run_peers(args: argparse.Namespace) -> int:
     print_report(report)
     out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("peers.json")
     write(report, out)
+    _plot(args, report, out)
     return 0

@@ -24,6 +24,7 @@ from typing import Any
 from shared.bench.hey import run_hey, tree_cpu_seconds
 from shared.bench.peer_systems import SYSTEMS, Launch, Target, launch
 from shared.config import PROJECT_ROOT
+from shared.progress import steps
 from shared.supervisor import ChildProcess
 
 
@@ -144,7 +145,7 @@ def compare(options: CompareOptions) -> dict[str, Any]:
         say(f"== {target.name}: raw onnxruntime ...")
         rounds: dict[str, list[dict[str, Any]]] = {system: [] for system in options.systems}
         model_report: dict[str, Any] = {"raw": raw_limit(target)}
-        for index in range(options.rounds):
+        for index in steps(range(options.rounds), f"{target.name}: rounds", unit="round"):
             order = options.systems[index % len(options.systems) :] + options.systems[: index % len(options.systems)]
             for system in order:
                 say(f"   round {index + 1}/{options.rounds}: {system} ...")

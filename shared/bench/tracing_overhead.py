@@ -23,6 +23,7 @@ import orjson
 from shared import tracing
 from shared.bench.hey import run_hey, tree_cpu_seconds
 from shared.process import FunctionProcess
+from shared.progress import steps
 
 MODES = {"off": None, "10%": "0.1", "100%": "1"}
 BUDGET = 0.95  # 10% sampling keeps at least this share of the throughput with tracing off
@@ -61,7 +62,7 @@ def bench_tracing(function: str, rounds: int, concurrency: int, seconds: float) 
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     plan = [(n, ["off", "10%"] if n % 2 == 0 else ["10%", "off"]) for n in range(rounds)]
     plan += [(rounds + n, ["100%"]) for n in range(max(1, rounds // 3))]
-    for number, modes in plan:
+    for number, modes in steps(plan, f"{function}: tracing runs", unit="round"):
         for mode in modes:
             print(f"run {number + 1}/{len(plan)}: {function}, tracing {mode}, c={concurrency} ...", file=sys.stderr)
             runs[mode].append(_serve_and_load(function, MODES[mode], concurrency, seconds))

@@ -48,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=1, help="--mode worker: rounds, the paths alternating")
     parser.add_argument("--soak", type=float, metavar="SECONDS", help="soak at --rate for SECONDS instead")
     parser.add_argument("--window", type=float, default=30.0, help="soak: seconds per reported window")
+    parser.add_argument("--plot", action="store_true", help="soak: also write a PNG of latency over the soak")
     parser.add_argument(
         "--json", type=Path, default=Path("bench-results/bench-events.json"), help="where to write results"
     )
@@ -378,6 +379,10 @@ def run_soak(args: argparse.Namespace) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(f"wrote {path}")
+    if args.plot:
+        from shared.bench.plots import plot
+
+        print("\n".join(f"wrote {png}" for png in plot(report, path)))
     return 0 if report["not_arrived"] == 0 and report["duplicates"] == 0 else 1
 
 

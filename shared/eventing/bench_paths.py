@@ -40,6 +40,7 @@ import yaml
 
 from shared.eventing import bench
 from shared.eventing.spec import BATCH_ANNOTATION, DELIVERY_ANNOTATION
+from shared.progress import steps
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULT_TOPICS = {"digits": "onnxfn.digits.results", "embed": "onnxfn.embed.results"}
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     raw = {name: raw_onnxruntime(name) for name in RESULT_TOPICS}
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     with tempfile.TemporaryDirectory(prefix="onnxfn-bench-paths-") as tmp:
-        for round_index in range(args.rounds):
+        for round_index in steps(range(args.rounds), "event paths: rounds", unit="round"):
             for mode in MODES if round_index % 2 == 0 else reversed(MODES):
                 bench.say(f"round {round_index + 1}/{args.rounds}: {mode} path (onnxfn up) ...")
                 # A fresh embedded broker for each: Tansu's fetch cost grows with its log, which

@@ -49,28 +49,30 @@ def _events(args: argparse.Namespace, progress: _Progress) -> Iterator[Any]:
 
 
 class _Progress:
-    """A progress line on stderr, at most ten times a second, for inputs over 100 events."""
+    """Counts of what was published, with a progress bar on a terminal (shared.progress)."""
 
     def __init__(self) -> None:
         import time
 
+        from shared.progress import bar
+
         self.clock = time.monotonic
-        self.start = self.last = self.clock()
+        self.start = self.clock()
         self.sent = self.failed = self.skipped = 0
+        self.bar = bar("publishing", unit="event")
 
     def tick(self, ok: bool) -> None:
         self.sent += ok
         self.failed += not ok
-        now = self.clock()
-        if self.sent + self.failed > 100 and now - self.last > 0.1:
-            self.last = now
-            rate = (self.sent + self.failed) / max(now - self.start, 1e-9)
-            print(f"\rpublished {self.sent}, failed {self.failed} ({rate:,.0f}/s)", end="", file=sys.stderr)
+        self.bar.update(1)
+        if not ok or self.skipped:
+            self.bar.set_postfix(failed=self.failed, skipped=self.skipped, refresh=False)
 
     def done(self) -> None:
+        self.bar.close()
         elapsed = self.clock() - self.start
         skipped = f", {self.skipped} bad line(s) skipped" if self.skipped else ""
-        print(f"\rpublished {self.sent}, failed {self.failed}{skipped} in {elapsed:.2f} s", file=sys.stderr)
+        print(f"published {self.sent}, failed {self.failed}{skipped} in {elapsed:.2f} s", file=sys.stderr)
 
 
 def _to_ingress(url: str, events: Iterator[Any], mode: str, progress: _Progress) -> None:
