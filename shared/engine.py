@@ -179,8 +179,21 @@ def main() -> int:
     socket_path = Path(os.environ["ONNXFN_ENGINE_SOCKET"])
     import uvloop
 
-    uvloop.run(EngineServer(settings).serve(socket_path))
+    failure = failure_file(socket_path)
+    try:
+        server = EngineServer(settings)
+    except Exception as exc:  # the workers' readiness says why (they cannot connect to say it)
+        log.error("the engine could not load %s: %s", settings.function, exc)
+        failure.write_text(f"{type(exc).__name__}: {exc}")
+        return 1
+    failure.unlink(missing_ok=True)
+    uvloop.run(server.serve(socket_path))
     return 0
+
+
+def failure_file(socket_path: Path) -> Path:
+    """Where an engine that could not load its model leaves the reason for the workers."""
+    return socket_path.with_suffix(".failed")
 
 
 # -- the worker side ---------------------------------------------------------------------------------
@@ -289,7 +302,11 @@ class EngineSupervisor:
             self.restarts += 1
             delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
             pid = self.child.pid
-            log.error("inference engine (pid %d) exited with code %s: restarting in %.1f s", pid, code, delay)
+            try:
+                why = f" ({failure_file(self.socket_path).read_text()})"
+            except OSError:
+                why = ""
+            log.error("inference engine (pid %d) exited with code %s%s: restarting in %.1f s", pid, code, why, delay)
             if self._stopping.wait(delay):
                 return
             self._spawn()

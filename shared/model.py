@@ -71,23 +71,52 @@ def _preload_cuda_libraries() -> None:
             log.info("onnxruntime.preload_dlls() did not load CUDA libraries: %s", exc)
 
 
-def choose_providers(requested: str) -> list[str]:
-    """Execution providers for `requested` in auto|cpu|cuda|tensorrt; CPU always last."""
+class GpuUnavailable(RuntimeError):
+    """A GPU was asked for (ONNXFN_PROVIDERS=cuda or tensorrt) and onnxruntime cannot use one: the
+    function stays not ready with this reason rather than serve GPU traffic at CPU speed."""
+
+
+FALLBACK_HINT = "set ONNXFN_PROVIDERS=auto to run on the CPU instead"
+
+
+def usable_providers() -> list[str]:
+    """onnxruntime's available providers, TensorRT only when its library (libnvinfer) is present."""
     import onnxruntime as ort
 
-    available = set(ort.get_available_providers())
+    tensorrt = ctypes.util.find_library("nvinfer") is not None
+    return [p for p in ort.get_available_providers() if p != "TensorrtExecutionProvider" or tensorrt]
+
+
+def choose_providers(requested: str) -> list[str]:
+    """Execution providers for `requested` in auto|cpu|cuda|tensorrt; CPU always last. Raises
+    GpuUnavailable when cuda or tensorrt is asked for and cannot be had."""
+    available = set(usable_providers())
+    if requested in ("cuda", "tensorrt"):
+        missing = _gpu_missing(requested, available)
+        if missing:
+            raise GpuUnavailable(f"ONNXFN_PROVIDERS={requested}: {missing}; {FALLBACK_HINT}")
     providers: list[str] = []
     want_gpu = requested in ("cuda", "tensorrt") or (requested == "auto" and gpu_visible())
     if want_gpu and "CUDAExecutionProvider" in available:
         _preload_cuda_libraries()
-        tensorrt_ok = "TensorrtExecutionProvider" in available and ctypes.util.find_library("nvinfer")
-        if requested == "tensorrt" or (requested == "auto" and tensorrt_ok):
+        if "TensorrtExecutionProvider" in available and requested in ("tensorrt", "auto"):
             providers.append("TensorrtExecutionProvider")
         providers.append("CUDAExecutionProvider")
-    elif requested in ("cuda", "tensorrt"):
-        log.warning("providers=%s asked for but no usable GPU build/device: running on CPU", requested)
     providers.append("CPUExecutionProvider")
     return providers
+
+
+def _gpu_missing(requested: str, available: set[str]) -> str:
+    """Why `requested` cannot run here ("" when it can, as far as can be told before a session)."""
+    if "CUDAExecutionProvider" not in available:
+        return f"this onnxruntime has no CUDA provider (it has {', '.join(sorted(available))}; install onnxruntime-gpu)"
+    if not gpu_visible():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        shown = f", CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+        return f"no NVIDIA GPU is visible to this process (no /dev/nvidia0{shown})"
+    if requested == "tensorrt" and "TensorrtExecutionProvider" not in available:
+        return "TensorRT's library libnvinfer is not installed"
+    return ""
 
 
 def tensor_spec(arg: Any) -> TensorSpec:
@@ -131,6 +160,7 @@ class OnnxModel:
         if not model_path.is_file():
             raise FileNotFoundError(f"model file {model_path} not found (run `onnxfn build-models`)")
         self.path = model_path
+        ort.disable_telemetry_events()  # no device-ID file to persist (read-only root), nothing sent
         self.providers = choose_providers(providers)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
@@ -173,6 +203,11 @@ class OnnxModel:
         if pending is not None and pending[0].is_file():
             os.replace(pending[0], pending[1])
         self.providers = self.session.get_providers()
+        if providers in ("cuda", "tensorrt") and "CUDAExecutionProvider" not in self.providers:
+            raise GpuUnavailable(
+                f"ONNXFN_PROVIDERS={providers}: onnxruntime could not start its CUDA provider and fell back to "
+                f"{', '.join(self.providers)} (its log above says why, e.g. libcuda.so.1 missing); {FALLBACK_HINT}"
+            )
         self.inputs = [tensor_spec(a) for a in self.session.get_inputs()]
         self.outputs = [tensor_spec(a) for a in self.session.get_outputs()]
         self.output_names = [o.name for o in self.outputs]

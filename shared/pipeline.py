@@ -79,6 +79,16 @@ class Layout:
         )
 
 
+def _engine_failure(socket_path: Any) -> str | None:
+    """Why the engine could not load its model, when it said so (else it is still starting)."""
+    from shared.engine import failure_file
+
+    try:
+        return failure_file(socket_path).read_text() or None
+    except OSError:
+        return None
+
+
 def uses_engine(config: FunctionConfig, settings: Settings) -> bool:
     """Whether the session lives in a shared engine process: the setting, else the function's
     choice, else on a GPU (one CUDA context, batches across workers) but not on CPU (measured:
@@ -155,6 +165,7 @@ class Pipeline:
             try:
                 client = await EngineClient.connect(self.settings.engine_socket)
             except (OSError, asyncio.IncompleteReadError):
+                self.load_error = _engine_failure(self.settings.engine_socket) or self.load_error
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
                 continue

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
-from shared.model import OnnxModel, choose_providers, gpu_visible
+from shared.model import GpuUnavailable, OnnxModel, choose_providers, gpu_visible, usable_providers
+from shared.process import FunctionProcess, http_get
 
 
 @pytest.mark.parametrize("where", ["under a file", "unwritable"])
@@ -49,9 +53,40 @@ def test_cpu_only_machine_uses_cpu_quietly(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.WARNING):
         assert choose_providers("auto") == ["CPUExecutionProvider"]
     assert not caplog.records
-    with caplog.at_level(logging.WARNING):
-        assert choose_providers("cuda") == ["CPUExecutionProvider"]
-    assert "running on CPU" in caplog.text
+
+
+def test_a_gpu_asked_for_and_absent_is_an_error_with_its_reason() -> None:
+    if gpu_visible():
+        pytest.skip("a GPU is visible here")
+    for requested in ("cuda", "tensorrt"):
+        with pytest.raises(GpuUnavailable) as caught:
+            choose_providers(requested)
+        message = str(caught.value)
+        assert message.startswith(f"ONNXFN_PROVIDERS={requested}: ") and "ONNXFN_PROVIDERS=auto" in message
+        assert "no CUDA provider" in message or "no NVIDIA GPU is visible" in message
+    assert "TensorrtExecutionProvider" not in usable_providers() or ctypes.util.find_library("nvinfer")
+
+
+def test_a_function_asked_for_a_gpu_it_has_not_got_is_alive_but_not_ready(model_dir: Path, tmp_path: Path) -> None:
+    """Knative must not route GPU traffic to a pod that would serve it on the CPU: readiness says
+    503 with the reason (also in the log), liveness stays 200 so the pod is not restarted in a loop."""
+    if gpu_visible():
+        pytest.skip("a GPU is visible here")
+    log = tmp_path / "server.log"
+    env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_WORKERS": "1", "ONNXFN_PROVIDERS": "cuda"}
+    with FunctionProcess("digits", env=env, log=log) as server:
+        deadline = time.monotonic() + 30
+        body: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            status, raw = http_get(server.url + "/health/readiness")
+            if status == 503 and b"ONNXFN_PROVIDERS=cuda" in raw:
+                body = orjson.loads(raw)
+                break
+            time.sleep(0.1)
+        assert body.get("ready") is False, body
+        assert "ONNXFN_PROVIDERS=cuda" in str(body["reason"]) and "ONNXFN_PROVIDERS=auto" in str(body["reason"])
+        assert http_get(server.url + "/health/liveness")[0] == 200
+    assert "ONNXFN_PROVIDERS=cuda: " in log.read_text()  # the reason is in the log too, not only on the probe
 
 
 def test_feed_check_lists_every_mismatch(model_dir: Path) -> None:
