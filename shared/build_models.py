@@ -62,14 +62,16 @@ def is_built(model_dir: Path, name: str) -> bool:
 
 @contextmanager
 def _lock(model_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive per-function lock, so concurrent callers build a model once."""
+    """An exclusive lock on the model directory itself, so concurrent callers build a model once
+    and no lock file is left behind (in an image: no root-owned leftovers)."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    with open(model_dir / f".{name}.build.lock", "w") as handle:
+    handle = os.open(model_dir, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        os.close(handle)
 
 
 def _summary(metadata: dict[str, Any]) -> str:

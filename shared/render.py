@@ -151,6 +151,18 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+# The root filesystem is read-only; what the server writes (Prometheus' multiprocess files, the
+# optimised-model cache, the engine's socket, gunicorn's heartbeats) goes to /tmp, an emptyDir
+# (enabled in Knative by default: kubernetes.podspec-volumes-emptydir). The cache holds one
+# optimised copy of the model (embed: ~90 MB).
+TMP_SIZE = "512Mi"
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+
+
+def tmp_volume() -> dict[str, Any]:
+    return {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}}
+
+
 def service(
     config: FunctionConfig,
     variant: Variant,
@@ -196,10 +208,12 @@ def service(
         "livenessProbe": _probe("/health/liveness", 10, 3),
         "securityContext": {
             "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
             "allowPrivilegeEscalation": False,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
+        "volumeMounts": [dict(TMP_MOUNT)],
     }
     pod: dict[str, Any] = {
         "containerConcurrency": numbers.container_concurrency,
@@ -210,6 +224,7 @@ def service(
         pod["nodeSelector"] = dict(GPU_NODE_SELECTOR)
         pod["tolerations"] = [dict(GPU_TOLERATION)]
     pod["containers"] = [container]
+    pod["volumes"] = [tmp_volume()]
     labels = _labels(config, variant)
     return {
         "apiVersion": "serving.knative.dev/v1",

@@ -86,13 +86,16 @@ def deployment(
         "startupProbe": function["startupProbe"],
         "livenessProbe": function["livenessProbe"],
         "securityContext": function["securityContext"],
-        "volumeMounts": [{"name": "eventing", "mountPath": EVENTING_MOUNT, "readOnly": True}],
+        "volumeMounts": [
+            {"name": "eventing", "mountPath": EVENTING_MOUNT, "readOnly": True},
+            *function["volumeMounts"],
+        ],
     }
     spec: dict[str, Any] = {
         # SIGTERM: finish the batch, wait for acknowledgements, commit (worker.py); then the slack.
         "terminationGracePeriodSeconds": numbers.graceful_s + render.EXIT_MARGIN_S,
         "containers": [container],
-        "volumes": [{"name": "eventing", "configMap": {"name": f"{name}-eventing"}}],
+        "volumes": [{"name": "eventing", "configMap": {"name": f"{name}-eventing"}}, *pod["volumes"]],
     }
     if variant.gpu:
         spec["nodeSelector"] = dict(GPU_NODE_SELECTOR)

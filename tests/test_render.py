@@ -80,6 +80,10 @@ def test_service_shape_for_gpu_and_cpu() -> None:
     assert container["image"] == f"{render.IMAGE}:gpu"
     assert container["ports"] == [{"name": "http1", "containerPort": render.USER_PORT}]
     assert container["securityContext"]["runAsNonRoot"] is True
+    # a read-only root; what the server writes goes to a sized emptyDir at /tmp
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert template["spec"]["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": render.TMP_SIZE}}]
     (cpu_container,) = cpu["spec"]["template"]["spec"]["containers"]
     assert "nvidia.com/gpu" not in cpu_container["resources"]["limits"]
     assert gpu["spec"]["traffic"] == render.default_traffic("toy-v3")

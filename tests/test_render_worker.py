@@ -97,6 +97,9 @@ def test_numbers_and_shape_follow_the_trigger_and_the_function() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["tolerations"] == service["tolerations"] and pod["nodeSelector"] == service["nodeSelector"]
     assert container["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "512Mi"}} in pod["volumes"]
     cpu_pod = cpu["Deployment"]["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in cpu_pod["containers"][0]["resources"]["limits"] and "tolerations" not in cpu_pod
     env = {e["name"]: e for e in container["env"]}
