@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -93,7 +92,7 @@ def test_new_then_up_serves_the_new_function_end_to_end(checkout: Path, tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     sys.path.insert(0, str(PROJECT_ROOT / "tests" / "eventing"))
-    from test_up import Output
+    from test_up import Output, stop_up
 
     out = Output(process)
     try:
@@ -113,12 +112,7 @@ def test_new_then_up_serves_the_new_function_end_to_end(checkout: Path, tmp_path
         assert len(probabilities) == 10 and abs(sum(probabilities) - 1) < 1e-4
         assert max(range(10), key=probabilities.__getitem__) == int(labels[0])
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=60) == 0
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
+        assert stop_up(process) == 0
 
 
 def _read_result(servers: str, topic: str, request_id: str) -> dict[str, object]:

@@ -29,6 +29,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, figure: Any, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def kind_of(report: dict[str, Any]) -> str:
     """Which benchmark wrote `report`: peers, functions or soak."""
     if "models" in report and "options" in report:
@@ -64,11 +71,7 @@ def plot_peers(report: dict[str, Any], out: Path) -> list[Path]:
         rate_axis.legend()
         rounds = report["options"]["rounds"]
         figure.suptitle(f"one interleaved run, {rounds} rounds, hey with keep-alive, one row per request", fontsize=9)
-        figure.tight_layout()
-        path = out.with_name(f"{out.stem}-{model}.png")
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
+        written.append(_save(plt, figure, out.with_name(f"{out.stem}-{model}.png")))
     return written
 
 
@@ -86,11 +89,7 @@ def plot_cold_starts(report: dict[str, Any], out: Path) -> list[Path]:
     axis.set_yticks(range(len(names)), names)
     axis.set(xlabel="seconds from launch", title="cold start: process launch to first reply, by part")
     axis.legend(fontsize=8, loc="lower right")
-    figure.tight_layout()
-    path = out.with_name(f"{out.stem}-cold-start.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return [path]
+    return [_save(plt, figure, out.with_name(f"{out.stem}-cold-start.png"))]
 
 
 def plot_soak(report: dict[str, Any], out: Path) -> list[Path]:
@@ -109,11 +108,7 @@ def plot_soak(report: dict[str, Any], out: Path) -> list[Path]:
     rate = report.get("rate")
     latency.set_title(f"soak{f' at {rate:g} events/s' if rate else ''}: latency window by window")
     latency.grid(alpha=0.3)
-    figure.tight_layout()
-    path = out.with_name(f"{out.stem}.png")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return [path]
+    return [_save(plt, figure, out.with_name(f"{out.stem}.png"))]
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:

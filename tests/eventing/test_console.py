@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -17,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 from test_pipeline import MODELS, ROOT, _digits_images
-from test_up import Output, start_up
+from test_up import Output, start_up, stop_up
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOT = ROOT / "docs" / "console.png"
@@ -97,9 +95,4 @@ def test_the_console_shows_live_numbers_dead_letters_and_traces_in_a_browser(tmp
             browser.close()
     finally:
         stop.set()
-        process.send_signal(signal.SIGTERM)
-        try:
-            assert process.wait(timeout=60) == 0
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
+        assert stop_up(process) == 0

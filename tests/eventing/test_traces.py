@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,18 +15,9 @@ from typing import Any
 import pytest
 import requests
 from test_pipeline import MODELS, ROOT, _digits_images
-from test_up import Output, start_up
+from test_up import Output, start_up, stop_up
 
 from shared import tracing
-
-
-def _stop(process: subprocess.Popen[str]) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
 
 
 def _trace(directory: Path, trace_id: str, until: set[str], timeout_s: float) -> list[dict[str, Any]]:
@@ -94,4 +84,4 @@ def test_one_event_is_one_trace_from_the_ingress_to_the_result_topic(tmp_path: P
         assert shown.returncode == 0, shown.stderr
         assert f"trace {trace_id}" in shown.stdout and "      function digits [digits]" in shown.stdout
     finally:
-        assert _stop(process) == 0
+        assert stop_up(process) == 0

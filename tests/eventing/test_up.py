@@ -72,6 +72,17 @@ def start_up(argv: list[str]) -> subprocess.Popen[str]:
     )
 
 
+def stop_up(process: subprocess.Popen[str]) -> int:
+    """SIGTERM `onnxfn up` and wait for its exit code (its whole session killed after 60 s)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
 def onnxfn(*argv: str, timeout_s: float = 20.0) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "shared.cli", *argv], capture_output=True, text=True, timeout=timeout_s, cwd=ROOT

@@ -18,7 +18,7 @@ import pytest
 import requests
 from eventing_helpers import collect, ids_of, produce, request, spec_yaml
 from test_pipeline import MODELS, ROOT, _digits_images
-from test_up import Output, start_up
+from test_up import Output, start_up, stop_up
 
 from shared.eventing.broker_process import KafkaConfig, ensure_topics
 from shared.eventing.worker import MAX_IN_FLIGHT
@@ -199,16 +199,6 @@ def _up_with_digits_worker(tmp_path: Path, idle_s: float) -> tuple[subprocess.Po
     return process, out, KafkaConfig(servers)
 
 
-def _stop(process: subprocess.Popen[str]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
-
-
 def test_up_starts_the_worker_on_lag_answers_once_and_stops_it_when_idle(tmp_path: Path) -> None:
     """At zero, a burst starts the worker; its first result comes within its cold start + 1 s;
     every event is answered once; after the idle window the worker is gone."""
@@ -228,7 +218,7 @@ def test_up_starts_the_worker_on_lag_answers_once_and_stops_it_when_idle(tmp_pat
         out.wait_for(r"^worker digits: stopped \(no lag for 3 s, exit 0\)$", 30)
         assert not any(b"worker\x00digits" in c for c in _commands(process.pid))
     finally:
-        assert _stop(process) == 0
+        assert stop_up(process) == 0
 
 
 def _commands(pid: int) -> list[bytes]:
@@ -273,4 +263,4 @@ def test_up_sees_a_killed_worker_and_starts_it_again_losing_nothing(tmp_path: Pa
         (component,) = [c for c in shown["plane"]["components"] if c["component"] == "worker-digits"]
         assert component["state"] == "ready" and component["restarts"] == 1
     finally:
-        assert _stop(process) == 0
+        assert stop_up(process) == 0
