@@ -1,36 +1,48 @@
 # syntax=docker/dockerfile:1
 # One image for every function; ONNXFN_FUNCTION picks the function (set by knative/service-<fn>.yaml).
-#   docker build --target gpu -t <registry>/onnxfn:gpu .    # onnxruntime-gpu + CUDA/cuDNN pip wheels
-#   docker build --target cpu -t <registry>/onnxfn:cpu .    # onnxruntime (CPU); also the default target
+#   docker build --target gpu -t <registry>/onnxfn:gpu .    # onnxruntime-gpu + CUDA/cuDNN (requirements/gpu.txt)
+#   docker build --target cpu -t <registry>/onnxfn:cpu .    # onnxruntime, CPU (requirements/cpu.txt); the default
 # Models are built here at build time by `onnxfn build-models` (the command `make models` runs) and
 # baked into the image: nothing is downloaded at run time.
 ARG PYTHON_VERSION=3.11
-ARG ORT_GPU_VERSION=1.31.1
+# The models stage exports two small models on the CPU: PyTorch's CPU builds (no CUDA wheels).
+# Where only PyPI is reachable pass --build-arg TORCH_INDEX_URL= (PyPI's torch, with CUDA wheels).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 FROM python:${PYTHON_VERSION}-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+
+# Build stage only: torch and friends never reach a runtime image. Its pip cache persists between
+# builds (a cache mount), so a code change does not download torch again.
+FROM base AS models
+ARG TORCH_INDEX_URL
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY functions ./functions
-
-# Build stage only: torch and friends never reach a runtime image.
-FROM base AS models
-RUN pip install '.[models]' \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} '.[cpu,models]' \
     && ONNXFN_MODEL_DIR=/models onnxfn build-models
 
+# The runtime venvs install exactly the pinned set (requirements/*.txt, `make lock`), then the
+# project without resolving again; `pip check` proves the set complete (one onnxruntime build).
 FROM base AS venv-cpu
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install .
+COPY requirements/cpu.txt requirements/
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --no-deps -r requirements/cpu.txt
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY functions ./functions
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check
 
 FROM base AS venv-gpu
-ARG ORT_GPU_VERSION
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install . \
-    && /opt/venv/bin/pip uninstall -y onnxruntime \
-    && /opt/venv/bin/pip install "onnxruntime-gpu[cuda,cudnn]==${ORT_GPU_VERSION}"
+COPY requirements/gpu.txt requirements/
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --no-deps -r requirements/gpu.txt
+COPY pyproject.toml README.md ./
+COPY shared ./shared
+COPY functions ./functions
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # A numeric UID, so Kubernetes can check `runAsNonRoot: true` against the image.

@@ -4,15 +4,26 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup models chromium promtool run test fault-test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
+.PHONY: setup lock models chromium promtool run test fault-test lint typecheck pytest hey bench bench-functions bench-events bench-platform image-check clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The pinned set of requirements/dev.txt (make lock writes it from pyproject.toml), then the
+# project itself without resolving anything again.
+$(STAMP): pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,models]'
+	$(BIN)/pip install -q -r requirements/dev.txt
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Pinned requirements from pyproject.toml (pip-tools): cpu and gpu are the images' runtime venvs,
+# dev is CI's and this Makefile's (with the models' build). Run after changing a dependency.
+LOCK := $(BIN)/pip-compile -q --strip-extras --no-emit-index-url --no-emit-find-links --allow-unsafe
+lock: setup
+	$(LOCK) --extra cpu -o requirements/cpu.txt pyproject.toml
+	$(LOCK) --extra gpu -o requirements/gpu.txt pyproject.toml
+	$(LOCK) --extra cpu --extra embedded --extra dev --extra models -o requirements/dev.txt pyproject.toml
 
 models: setup
 	$(BIN)/onnxfn build-models

