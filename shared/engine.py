@@ -301,15 +301,22 @@ class EngineSupervisor:
             self.socket_path.unlink(missing_ok=True)
             self.restarts += 1
             delay = 0.5 if time.monotonic() - started > 30 else min(delay * 2, 10.0)
-            pid = self.child.pid
-            try:
-                why = f" ({failure_file(self.socket_path).read_text()})"
-            except OSError:
-                why = ""
-            log.error("inference engine (pid %d) exited with code %s%s: restarting in %.1f s", pid, code, why, delay)
+            log.error("inference engine (pid %d) %s: restarting in %.1f s", self.child.pid, self._why(code), delay)
             if self._stopping.wait(delay):
                 return
             self._spawn()
+
+    def _why(self, code: int) -> str:
+        """What ended the engine: its load failure when it left one, else its exit code. Code 0 is
+        never the engine's own before a stop: gunicorn's arbiter, its parent, reaps every child
+        (waitpid(-1)) and then the real status is gone."""
+        try:
+            return f"could not load the model (exit code 1: {failure_file(self.socket_path).read_text()})"
+        except OSError:
+            pass
+        if code == 0:
+            return "exited (its exit status was collected by gunicorn's arbiter)"
+        return f"exited with code {code}" if code > 0 else f"was killed by signal {-code}"
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (the engine finishes its runs), SIGKILL after `timeout`; returns its exit code."""

