@@ -28,27 +28,29 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 # The runtime venvs install exactly the pinned set (requirements/*.txt, `make lock`), then the
 # project without resolving again; `pip check` proves the set complete (one onnxruntime build).
-# Then what never runs in a function goes: pip and setuptools (nothing installs into a running
-# image) and the packages' own test suites (numpy's alone are 27 MB).
-FROM base AS venv-cpu
+# Then scripts/slim-venv.sh takes out what a function never loads (pip, the packages' test suites,
+# onnxruntime's unused C API library, extension modules' debug information), each checked first.
+# binutils (strip, readelf) stays in these build stages.
+FROM base AS venv-build
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends binutils >/dev/null \
+    && rm -rf /var/lib/apt/lists/*
+COPY scripts/slim-venv.sh /usr/local/bin/slim-venv
+
+FROM venv-build AS venv-cpu
 COPY requirements/cpu.txt requirements/
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --no-deps -r requirements/cpu.txt
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY functions ./functions
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check \
-    && /opt/venv/bin/pip uninstall -q -y pip setuptools \
-    && find /opt/venv/lib -depth -type d -path '*/site-packages/*/tests' -exec rm -rf {} +
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check && slim-venv /opt/venv
 
-FROM base AS venv-gpu
+FROM venv-build AS venv-gpu
 COPY requirements/gpu.txt requirements/
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --no-deps -r requirements/gpu.txt
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY functions ./functions
-RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check \
-    && /opt/venv/bin/pip uninstall -q -y pip setuptools \
-    && find /opt/venv/lib -depth -type d -path '*/site-packages/*/tests' -exec rm -rf {} +
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . && /opt/venv/bin/pip check && slim-venv /opt/venv
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 # A numeric UID, so Kubernetes can check `runAsNonRoot: true` against the image.

@@ -124,6 +124,9 @@ def test_gpu_and_cpu_runtimes_install_their_pinned_set_and_nothing_else() -> Non
         assert f"--no-deps -r requirements/{target}.txt" in runs, runs
         assert "--no-deps ." in runs and "pip check" in runs  # the project on top, resolved by nothing
         assert "[models]" not in runs, "torch must stay in the build stage"
+        # slimmed only once the set is proven complete; the build tools stay in the build stages
+        assert runs.index("pip check") < runs.index("slim-venv /opt/venv"), runs
+        assert "binutils" not in " ".join(rest for key, rest in _chain(target) if key == "RUN")
     assert _env("gpu")["ONNXFN_PROVIDERS"] == "cuda" and _env("cpu")["ONNXFN_PROVIDERS"] == "cpu"
 
 
