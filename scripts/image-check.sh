@@ -131,8 +131,11 @@ start_container() {
     printf '%.2f' "$(echo "$(now) - $started" | bc)"
 }
 
-# SIGTERM the container: exit code 0 and no crash in its log; its ERROR and WARNING lines counted
-# in $ERRORS and $WARNINGS (warnings are shown, not failed).
+# SIGTERM the container: exit code 0 and no crash in its log; its ERROR and WARNING lines (ours,
+# gunicorn's, onnxruntime's [E:...] and [W:...]) counted in $ERRORS and $WARNINGS (warnings are
+# shown, not failed).
+ERROR_LINE=' ERROR |\[ERROR\]|\[E:onnxruntime'
+WARNING_LINE=' WARNING |\[WARNING\]|\[W:onnxruntime'
 stop_container() {
     local function=$1 code
     "${PODMAN[@]}" stop -t 30 onnxfn-check >/dev/null
@@ -142,9 +145,9 @@ stop_container() {
     if grep -E 'Traceback|SIGABRT|terminate called|Segmentation' <<<"$LOGS" >&2; then
         fail "$function's log shows a crash"
     fi
-    ERRORS=$(grep -c ' ERROR ' <<<"$LOGS" || true)
-    WARNINGS=$(grep -c ' WARNING ' <<<"$LOGS" || true)
-    [ "$WARNINGS" = 0 ] || grep ' WARNING ' <<<"$LOGS" | head -3 >&2
+    ERRORS=$(grep -cE "$ERROR_LINE" <<<"$LOGS" || true)
+    WARNINGS=$(grep -cE "$WARNING_LINE" <<<"$LOGS" || true)
+    [ "$WARNINGS" = 0 ] || grep -E "$WARNING_LINE" <<<"$LOGS" | head -3 >&2
     "${PODMAN[@]}" rm onnxfn-check >/dev/null
 }
 
@@ -175,7 +178,7 @@ EOF
             [ "$(probe http://127.0.0.1:8080/metrics)" = 200 ] || fail "$function: /metrics did not answer 200"
         fi
         stop_container "$function"
-        [ "$ERRORS" = 0 ] || { grep ' ERROR ' <<<"$LOGS" >&2; fail "$function logged $ERRORS ERROR line(s)"; }
+        [ "$ERRORS" = 0 ] || { grep -E "$ERROR_LINE" <<<"$LOGS" >&2; fail "$function logged $ERRORS ERROR line(s)"; }
     done
     sorted=$(printf '%s\n' "${starts[@]}" | sort -n)
     COLD_S[$function]=$(median <<<"$sorted")

@@ -23,6 +23,11 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+# onnxruntime's telemetry off before it first starts (the Python call below comes too late for
+# its start-up): nothing sent, and no device-ID file to persist, which on a read-only root or an
+# unwritable HOME logs "Failed to persist telemetry device ID" at every start.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 # ONNX tensor type -> numpy dtype.
 ONNX_DTYPES: dict[str, np.dtype[Any]] = {
     "tensor(float)": np.dtype(np.float32),

@@ -30,6 +30,23 @@ def test_a_cache_folder_that_cannot_be_written_does_not_stop_the_model_loading(
     assert model.run({"image": image})["probabilities"].shape == (1, 10)
 
 
+def test_onnxruntime_telemetry_is_off_where_home_cannot_be_written(model_dir: Path, tmp_path: Path) -> None:
+    """The image's user has an unwritable HOME (read-only root): loading a model must neither try
+    to persist onnxruntime's telemetry device ID nor log that it could not."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path; from shared.model import OnnxModel; "
+        f"OnnxModel(Path({str(model_dir / 'digits' / '1' / 'model.onnx')!r}), cache_dir=None); print('loaded')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"} | {"HOME": "/proc/onnxfn"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr
+    assert "telemetry" not in done.stderr.lower(), done.stderr
+
+
 def test_optimised_graph_is_cached_and_gives_the_same_outputs(model_dir: Path, tmp_path: Path) -> None:
     path = model_dir / "digits" / "1" / "model.onnx"
     first = OnnxModel(path, cache_dir=tmp_path)
