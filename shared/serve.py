@@ -79,6 +79,8 @@ class FunctionWorker(UvicornWorker):  # type: ignore[misc]
         if self.stopping:
             self.server.should_exit = True  # start, then drain at once: nothing is in flight yet
         self._install_sigquit_handler()
+        # With reuse_port the master binds nothing (its "Listening at:" line is empty): say it here.
+        self.log.info("Listening at: %s (worker %s, SO_REUSEPORT)", ",".join(map(str, self.sockets)), self.pid)
         await self.server.serve(sockets=self.sockets)
         if not self.server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)

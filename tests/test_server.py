@@ -400,3 +400,14 @@ def test_sigterm_while_workers_boot_stops_at_once(model_dir: Path) -> None:
         started = time.monotonic()
         assert server.proc.wait(timeout=60) == 0
         assert time.monotonic() - started < 10
+
+
+def test_each_worker_logs_the_address_it_listens_at(model_dir: Path, tmp_path: Path) -> None:
+    """With SO_REUSEPORT gunicorn's master binds nothing and its own line names no address: an
+    operator reading the log still learns where the function listens, once per worker."""
+    log = tmp_path / "serve.log"
+    env = {"ONNXFN_MODEL_DIR": str(model_dir), "ONNXFN_WORKERS": "2"}
+    with FunctionProcess("digits", env=env, log=log) as server:
+        server.wait_ready(timeout=60)
+        lines = [line for line in log.read_text().splitlines() if f"Listening at: {server.url} (worker" in line]
+        assert len(lines) == 2, log.read_text()
