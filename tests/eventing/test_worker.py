@@ -66,6 +66,8 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
     other = request("some.other.type", {"x": 1})
     produce(kafka, broker_topic, [*events[:100], poison, other, *events[100:]])
     env = {**os.environ, "ONNXFN_KAFKA_SESSION_TIMEOUT_MS": "2000", "ONNXFN_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
+    # As the image sets it for `onnxfn serve` (a folder nobody made yet): the worker must not need it.
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "onnxfn-metrics")
     with _digits_worker(kafka, tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as worker:
         assert worker.stdout is not None
         lines = []
