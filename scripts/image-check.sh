@@ -11,6 +11,7 @@
 #      a worker Trigger (WORKER, embed; empty skips it) as its rendered Deployment runs it: the
 #      Deployment's command, the eventing YAML mounted as its ConfigMap, a Tansu broker in the same
 #      namespace; one request on the broker topic answered there, SIGTERM exit 0, no ERROR line;
+#      the gpu image's worker where no GPU is: readiness 503 with the reason, liveness 200;
 #   4. image sizes (the base's, what the image adds) and cold starts (median of COLD_RUNS).
 #
 # Needs root (debootstrap, network namespaces) and minutes; not part of `make test`.
@@ -159,6 +160,18 @@ stop_container() {
     "${PODMAN[@]}" rm onnxfn-check >/dev/null
 }
 
+# The readiness body once it no longer says "model is loading" (the first 503 may): the verdict.
+wait_past_loading() {
+    local started body
+    started=$(now)
+    while body=$(ip netns exec "$NETNS" curl -s --max-time 2 http://127.0.0.1:8080/health/readiness || true)
+        grep -q 'loading' <<<"$body"; do
+        [ "$(echo "$(now) - $started > $READY_TIMEOUT_S" | bc)" = 0 ] || fail "still loading after ${READY_TIMEOUT_S} s"
+        sleep 0.1
+    done
+    printf '%s' "$body"
+}
+
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 declare -A COLD_S COLD_RANGE
@@ -198,13 +211,7 @@ done
 if [[ " $TARGETS " == *" gpu "* ]]; then
     say "digits: run onnxfn:gpu (ONNXFN_PROVIDERS=cuda) where no GPU is: readiness must say why"
     start_container onnxfn:gpu digits 503 >/dev/null
-    # The first 503 may still be "model is loading"; the verdict is the reason once the load ended.
-    started=$(now)
-    while GPU_REASON=$(ip netns exec "$NETNS" curl -s --max-time 2 http://127.0.0.1:8080/health/readiness || true)
-        grep -q 'loading' <<<"$GPU_REASON"; do
-        [ "$(echo "$(now) - $started > $READY_TIMEOUT_S" | bc)" = 0 ] || fail "the gpu image is still loading after ${READY_TIMEOUT_S} s"
-        sleep 0.1
-    done
+    GPU_REASON=$(wait_past_loading)
     grep -q 'GPU\|CUDA' <<<"$GPU_REASON" || fail "the gpu image's readiness gives no GPU reason: $GPU_REASON"
     [ "$(probe http://127.0.0.1:8080/health/liveness)" = 200 ] || fail "the gpu image's liveness is not 200"
     stop_container digits
@@ -260,9 +267,17 @@ ensure_topics(KafkaConfig('127.0.0.1:9092', {}, embedded=True), {'$broker_topic'
     grep -q "\"$result_type\"" <<<"$answer" || { echo "$answer" | cut -c1-300 >&2; fail "the $WORKER worker wrote no $result_type"; }
     stop_container "$WORKER"
     [ "$ERRORS" = 0 ] || { grep -E "$ERROR_LINE" <<<"$LOGS" >&2; fail "the $WORKER worker logged $ERRORS ERROR line(s)"; }
+    say "$WORKER worker: ready in $WORKER_READY_S s, answered $ce_type with $result_type on $broker_topic, SIGTERM exit 0, no ERROR line"
+    if [[ " $TARGETS " == *" gpu "* ]]; then  # the gpu image's worker where no GPU is: not ready, why
+        start_container onnxfn:gpu "$WORKER" 503 >/dev/null
+        WORKER_GPU_REASON=$(wait_past_loading)
+        grep -q 'GpuUnavailable' <<<"$WORKER_GPU_REASON" || fail "the gpu worker's readiness gives no GPU reason: $WORKER_GPU_REASON"
+        [ "$(probe http://127.0.0.1:8080/health/liveness)" = 200 ] || fail "the gpu worker's liveness is not 200"
+        stop_container "$WORKER"
+        say "onnxfn:gpu worker without a GPU: readiness 503 $WORKER_GPU_REASON, liveness 200, SIGTERM exit 0"
+    fi
     RUN_OPTIONS=()
     RUN_COMMAND=()
-    say "$WORKER worker: ready in $WORKER_READY_S s, answered $ce_type with $result_type on $broker_topic, SIGTERM exit 0, no ERROR line"
 fi
 
 # -- 4. report ---------------------------------------------------------------------------------
@@ -283,5 +298,6 @@ echo
 echo "cold start (container start to readiness 200), onnxfn:cpu, median of $COLD_RUNS [min-max]"
 for function in $FUNCTIONS; do printf '  %-12s %s s [%s s]\n' "$function" "${COLD_S[$function]}" "${COLD_RANGE[$function]}"; done
 [ -z "$WORKER" ] || printf 'worker %s (onnxfn:cpu, its Deployment'"'"'s command): ready in %s s, one event answered on the broker topic\n' "$WORKER" "$WORKER_READY_S"
+[ -z "${WORKER_GPU_REASON:-}" ] || printf 'onnxfn:gpu worker where no GPU is: readiness 503 %s\n' "$WORKER_GPU_REASON"
 [ -z "${GPU_REASON:-}" ] || printf 'onnxfn:gpu where no GPU is: readiness 503 %s\n' "$GPU_REASON"
 echo "image-check: OK"

@@ -16,7 +16,8 @@ KafkaSinks take it as they take an HTTP reply.
   go up to the oldest record not final (at-least-once; one delivery in normal operation). Batches
   run one after the other, so per-partition order is kept (ordered mode holds by construction).
 - SIGTERM: stop fetching, finish the batch, wait for acknowledgements, commit, leave the group.
-- `GET /health/readiness` (200 once the model is loaded and partitions assigned), `/health/liveness`
+- `GET /health/readiness` (200 once the model is loaded and partitions assigned; else 503 with the
+  reason, as a Service's: a GPU asked for and not usable stays there, alive), `/health/liveness`
   and `/metrics` (the function's metrics and the worker's: events by outcome, batch sizes, lag).
 """
 
@@ -148,6 +149,14 @@ class KafkaWorker:
     @property
     def ready(self) -> bool:
         return self.failed is None and self.assigned.is_set() and self.pipeline.ready
+
+    def not_ready_reason(self) -> str:
+        """Why readiness is 503, as a Service's readiness says it (the model's load failure first)."""
+        if self.failed is not None:
+            return f"stopped: {self.failed}"
+        if not self.pipeline.ready:
+            return self.pipeline.not_ready_error().message
+        return f"waiting for partitions of {self.plan.broker_topic} (consumer group {self.plan.trigger.group_id})"
 
     # -- one batch -----------------------------------------------------------------------------
     def _run_batch(self, events: list[Event]) -> list[Event] | FunctionError:
@@ -367,8 +376,14 @@ def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServ
             if self.path == "/metrics":
                 status, body, kind = 200, generate_latest(worker.metrics.registry), "text/plain; version=0.0.4"
             elif self.path == "/health/readiness":
-                ok = worker.ready
-                status, body, kind = (200 if ok else 503), (b"ready" if ok else b"not ready"), "text/plain"
+                name = worker.plan.function
+                if worker.ready:
+                    status, state = 200, {"status": "ready", "ready": True, "name": name, "function": name}
+                else:
+                    reason = worker.not_ready_reason()
+                    status = 503
+                    state = {"status": "not ready", "ready": False, "name": name, "function": name, "reason": reason}
+                body, kind = orjson.dumps(state), "application/json"
             elif self.path == "/health/liveness":
                 ok = worker.failed is None
                 status, body, kind = (

@@ -69,13 +69,7 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
     # As the image sets it for `onnxfn serve` (a folder nobody made yet): the worker must not need it.
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "onnxfn-metrics")
     with _digits_worker(kafka, tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as worker:
-        assert worker.stdout is not None
-        lines = []
-        for line in worker.stdout:  # librdkafka's warnings about the test's consumer settings may come first
-            lines.append(line)
-            if (found := re.search(r"health and metrics on (http://127\.0\.0\.1:\d+/)", line)) or len(lines) > 50:
-                break
-        assert found, "".join(lines)
+        base = _health_url(worker)
         want = {e.id for e in events}
 
         def done(seen: dict) -> bool:
@@ -90,7 +84,6 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
         (dead,) = seen[f"{ns}.dlq"]
         assert dead.id == poison.id and dead.attributes["knativeerrorcode"] == "400"
         assert dead.attributes["knativeerrordest"] == "worker:digits"
-        base = found.group(1)
         assert requests.get(base + "health/readiness", timeout=5).status_code == 200
         metrics = requests.get(base + "metrics", timeout=5).text
         assert 'onnxfn_worker_events_total{function="digits",outcome="result"} 200.0' in metrics
@@ -99,6 +92,49 @@ def test_worker_answers_each_event_once_dead_letters_the_invalid_and_stops_on_si
         filtered = re.search(r'onnxfn_worker_events_total\{function="digits",outcome="filtered"\} (\S+)', metrics)
         assert filtered and float(filtered.group(1)) >= 1
         assert "onnxfn_worker_batch_size_count" in metrics and "onnxfn_worker_lag" in metrics
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def _health_url(worker: subprocess.Popen[str]) -> str:
+    """The worker's health and metrics URL, from the line it prints once that server listens."""
+    assert worker.stdout is not None
+    lines = []
+    for line in worker.stdout:  # librdkafka's warnings about the test's consumer settings may come first
+        lines.append(line)
+        if found := re.search(r"health and metrics on (http://127\.0\.0\.1:\d+/)", line):
+            return found.group(1)
+        assert len(lines) < 50, "".join(lines)
+    raise AssertionError("".join(lines))
+
+
+def test_a_worker_asked_for_a_gpu_it_has_not_got_is_alive_but_not_ready_with_the_reason(
+    kafka: KafkaConfig, ns: str, tmp_path: Path
+) -> None:
+    """A worker Deployment on a node without a usable GPU (ONNXFN_PROVIDERS=cuda, the gpu image's
+    default) must not take the Trigger's records at CPU speed: readiness 503 says why, as a
+    Service's does, liveness stays 200, and SIGTERM still ends it cleanly."""
+    from shared.model import gpu_visible
+
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    if gpu_visible():
+        pytest.skip("a GPU is visible here")
+    (tmp_path / "eventing.yaml").write_text(
+        spec_yaml(ns, [_trigger("digits", "dev.onnxfn.digits.request", SERVICE_REF)])
+    )
+    ensure_topics(kafka, {f"knative-broker-{ns}-default": (1, 1)})
+    env = {**os.environ, "ONNXFN_PROVIDERS": "cuda"}
+    with _digits_worker(kafka, tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as worker:
+        base = _health_url(worker)
+        deadline = time.monotonic() + 30
+        while "GpuUnavailable" not in (state := requests.get(base + "health/readiness", timeout=5)).text:
+            assert state.status_code == 503 and "loading" in state.json()["reason"], state.text
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert state.status_code == 503 and state.json()["ready"] is False
+        assert "model failed to load: GpuUnavailable: ONNXFN_PROVIDERS=cuda" in state.json()["reason"]
+        assert requests.get(base + "health/liveness", timeout=5).status_code == 200
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(30) == 0
 
