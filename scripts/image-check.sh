@@ -38,6 +38,8 @@ WORKER=${WORKER-embed}
 say() { printf '== %s\n' "$*" >&2; }
 fail() { printf 'image-check: FAILED: %s\n' "$*" >&2; exit 1; }
 now() { date +%s.%N; }
+# True once more than LIMIT seconds have passed since STARTED (a value of now).
+past() { [ "$(echo "$(now) - $1 > $2" | bc)" = 1 ]; }
 
 [ "$(id -u)" = 0 ] || fail "run as root (debootstrap and network namespaces need it)"
 
@@ -134,7 +136,7 @@ start_container() {
     until code=$(probe http://127.0.0.1:8080/health/readiness) && [ "$code" = "$want" ]; do
         [ "$("${PODMAN[@]}" inspect -f '{{.State.Running}}' onnxfn-check)" = true ] || {
             "${PODMAN[@]}" logs onnxfn-check | tail -20 >&2; fail "$function exited before readiness $want"; }
-        [ "$(echo "$(now) - $started > $READY_TIMEOUT_S" | bc)" = 0 ] || fail "$function: no readiness $want in ${READY_TIMEOUT_S} s"
+        ! past "$started" "$READY_TIMEOUT_S" || fail "$function: no readiness $want in ${READY_TIMEOUT_S} s"
         sleep 0.02
     done
     printf '%.2f' "$(echo "$(now) - $started" | bc)"
@@ -160,16 +162,32 @@ stop_container() {
     "${PODMAN[@]}" rm onnxfn-check >/dev/null
 }
 
-# The readiness body once it no longer says "model is loading" (the first 503 may): the verdict.
-wait_past_loading() {
-    local started body
+# onnxfn:gpu for FUNCTION where no GPU is (RUN_OPTIONS/RUN_COMMAND as set): readiness 503 whose
+# reason, once the load ended (the first 503 may say "model is loading"), is GpuUnavailable;
+# liveness 200; a clean SIGTERM. The reason in $GPU_REASON.
+check_gpu_not_ready() {
+    local function=$1 started
+    start_container onnxfn:gpu "$function" 503 >/dev/null
     started=$(now)
-    while body=$(ip netns exec "$NETNS" curl -s --max-time 2 http://127.0.0.1:8080/health/readiness || true)
-        grep -q 'loading' <<<"$body"; do
-        [ "$(echo "$(now) - $started > $READY_TIMEOUT_S" | bc)" = 0 ] || fail "still loading after ${READY_TIMEOUT_S} s"
+    while GPU_REASON=$(ip netns exec "$NETNS" curl -s --max-time 2 http://127.0.0.1:8080/health/readiness || true)
+        grep -q 'loading' <<<"$GPU_REASON"; do
+        ! past "$started" "$READY_TIMEOUT_S" || fail "$function on onnxfn:gpu still loading after ${READY_TIMEOUT_S} s"
         sleep 0.1
     done
-    printf '%s' "$body"
+    grep -q 'GpuUnavailable' <<<"$GPU_REASON" || fail "$function on onnxfn:gpu gives no GPU reason: $GPU_REASON"
+    [ "$(probe http://127.0.0.1:8080/health/liveness)" = 200 ] || fail "$function on onnxfn:gpu: liveness is not 200"
+    stop_container "$function"
+}
+
+# FUNCTION's request type, result type and example event data (one line; the data last).
+function_facts() {
+    "$PYTHON" - "$1" <<'EOF'
+import json, sys
+from shared.contract import load_handler
+handler = load_handler(sys.argv[1])
+config = handler.config
+print(config.accepts[0], config.result_type, json.dumps(handler.example(), separators=(",", ":")))
+EOF
 }
 
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
@@ -177,13 +195,7 @@ median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (
 declare -A COLD_S COLD_RANGE
 for function in $FUNCTIONS; do
     say "$function: run onnxfn:cpu read-only, uid 10001, no capabilities, loopback-only network, $COLD_RUNS times"
-    read -r ce_type body < <("$PYTHON" - "$function" <<'EOF'
-import json, sys
-from shared.contract import load_handler
-handler = load_handler(sys.argv[1])
-print(handler.config.accepts[0], json.dumps(handler.example(), separators=(",", ":")))
-EOF
-)
+    read -r ce_type _ body < <(function_facts "$function")
     starts=()
     for run in $(seq "$COLD_RUNS"); do
         starts+=("$(start_container onnxfn:cpu "$function" 200)")
@@ -210,11 +222,8 @@ done
 # The gpu image where no GPU is: not ready, with the reason; alive; a clean stop.
 if [[ " $TARGETS " == *" gpu "* ]]; then
     say "digits: run onnxfn:gpu (ONNXFN_PROVIDERS=cuda) where no GPU is: readiness must say why"
-    start_container onnxfn:gpu digits 503 >/dev/null
-    GPU_REASON=$(wait_past_loading)
-    grep -q 'GPU\|CUDA' <<<"$GPU_REASON" || fail "the gpu image's readiness gives no GPU reason: $GPU_REASON"
-    [ "$(probe http://127.0.0.1:8080/health/liveness)" = 200 ] || fail "the gpu image's liveness is not 200"
-    stop_container digits
+    check_gpu_not_ready digits
+    SERVICE_GPU_REASON=$GPU_REASON
     say "onnxfn:gpu without a GPU: readiness 503 $GPU_REASON, liveness 200, SIGTERM exit 0"
 fi
 
@@ -224,16 +233,13 @@ fi
 # the function's result there; then SIGTERM, as for the Services.
 if [ -n "$WORKER" ]; then
     say "$WORKER: run the worker of workers/cpu/worker-$WORKER.yaml in onnxfn:cpu against a Tansu broker"
-    read -r broker_topic ce_type result_type body < <("$PYTHON" - "$WORKER" <<'EOF'
-import json, sys
+    read -r ce_type result_type body < <(function_facts "$WORKER")
+    broker_topic=$("$PYTHON" - "$WORKER" <<'EOF'
+import sys
 from shared.config import PROJECT_ROOT
-from shared.contract import load_handler
 from shared.eventing import spec
 from shared.eventing.worker import WorkerPlan
-handler = load_handler(sys.argv[1])
-plan = WorkerPlan.of(spec.load(PROJECT_ROOT / "eventing", PROJECT_ROOT / "knative"), sys.argv[1])
-print(plan.broker_topic, handler.config.accepts[0], handler.config.result_type,
-      json.dumps(handler.example(), separators=(",", ":")))
+print(WorkerPlan.of(spec.load(PROJECT_ROOT / "eventing", PROJECT_ROOT / "knative"), sys.argv[1]).broker_topic)
 EOF
 )
     mapfile -t RUN_COMMAND < <("$PYTHON" - "$WORKER" <<'EOF'
@@ -251,7 +257,7 @@ EOF
     started=$(now)
     until ip netns exec "$NETNS" bash -c '</dev/tcp/127.0.0.1/9092' 2>/dev/null; do
         kill -0 "$TANSU_PID" 2>/dev/null || { cat /tmp/onnxfn-image-tansu.log >&2; fail "the Tansu broker exited"; }
-        [ "$(echo "$(now) - $started > 10" | bc)" = 0 ] || fail "the Tansu broker did not listen in 10 s"
+        ! past "$started" 10 || fail "the Tansu broker did not listen in 10 s"
         sleep 0.05
     done
     kafka=(--bootstrap-servers 127.0.0.1:9092)
@@ -269,11 +275,8 @@ ensure_topics(KafkaConfig('127.0.0.1:9092', {}, embedded=True), {'$broker_topic'
     [ "$ERRORS" = 0 ] || { grep -E "$ERROR_LINE" <<<"$LOGS" >&2; fail "the $WORKER worker logged $ERRORS ERROR line(s)"; }
     say "$WORKER worker: ready in $WORKER_READY_S s, answered $ce_type with $result_type on $broker_topic, SIGTERM exit 0, no ERROR line"
     if [[ " $TARGETS " == *" gpu "* ]]; then  # the gpu image's worker where no GPU is: not ready, why
-        start_container onnxfn:gpu "$WORKER" 503 >/dev/null
-        WORKER_GPU_REASON=$(wait_past_loading)
-        grep -q 'GpuUnavailable' <<<"$WORKER_GPU_REASON" || fail "the gpu worker's readiness gives no GPU reason: $WORKER_GPU_REASON"
-        [ "$(probe http://127.0.0.1:8080/health/liveness)" = 200 ] || fail "the gpu worker's liveness is not 200"
-        stop_container "$WORKER"
+        check_gpu_not_ready "$WORKER"
+        WORKER_GPU_REASON=$GPU_REASON
         say "onnxfn:gpu worker without a GPU: readiness 503 $WORKER_GPU_REASON, liveness 200, SIGTERM exit 0"
     fi
     RUN_OPTIONS=()
@@ -299,5 +302,5 @@ echo "cold start (container start to readiness 200), onnxfn:cpu, median of $COLD
 for function in $FUNCTIONS; do printf '  %-12s %s s [%s s]\n' "$function" "${COLD_S[$function]}" "${COLD_RANGE[$function]}"; done
 [ -z "$WORKER" ] || printf 'worker %s (onnxfn:cpu, its Deployment'"'"'s command): ready in %s s, one event answered on the broker topic\n' "$WORKER" "$WORKER_READY_S"
 [ -z "${WORKER_GPU_REASON:-}" ] || printf 'onnxfn:gpu worker where no GPU is: readiness 503 %s\n' "$WORKER_GPU_REASON"
-[ -z "${GPU_REASON:-}" ] || printf 'onnxfn:gpu where no GPU is: readiness 503 %s\n' "$GPU_REASON"
+[ -z "${SERVICE_GPU_REASON:-}" ] || printf 'onnxfn:gpu where no GPU is: readiness 503 %s\n' "$SERVICE_GPU_REASON"
 echo "image-check: OK"

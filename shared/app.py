@@ -31,6 +31,7 @@ from shared.oip import (
     split_body,
 )
 from shared.pipeline import Pipeline
+from shared.readiness import readiness_state
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +137,8 @@ def create_flask_app(pipeline: Pipeline) -> Flask:
 
     def readiness() -> Response:
         if pipeline.server_ready:
-            return json({"status": "ready", "ready": True, "name": name, "function": name, **pipeline.timings})
-        error = pipeline.not_ready_error()
-        body = {"status": "not ready", "ready": False, "name": name, "function": name, "reason": error.message}
-        response = json(body, 503)
+            return json(readiness_state(name, None, **pipeline.timings))
+        response = json(readiness_state(name, pipeline.not_ready_error().message), 503)
         response.headers["Retry-After"] = "1"
         return response
 

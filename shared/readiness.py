@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 class WorkerReadiness:
@@ -38,3 +39,11 @@ class WorkerReadiness:
     def forget(directory: Path, pid: int) -> None:
         """Remove the marker of a worker that exited."""
         (directory / f"ready-{pid}").unlink(missing_ok=True)
+
+
+def readiness_state(name: str, reason: str | None, **details: Any) -> dict[str, Any]:
+    """The JSON body of `/health/readiness` for a Service and a worker alike: ready when `reason`
+    is None, else not ready with it."""
+    if reason is None:
+        return {"status": "ready", "ready": True, "name": name, "function": name, **details}
+    return {"status": "not ready", "ready": False, "name": name, "function": name, "reason": reason}

@@ -47,6 +47,7 @@ from shared.eventing.sink import KafkaWriter, TopicTarget
 from shared.eventing.spec import EventingSpec, TriggerSpec
 from shared.events import ERROR_EVENT_TYPE, Event, result_event
 from shared.pipeline import Pipeline
+from shared.readiness import readiness_state
 from shared.service_files import SpecError
 from shared.stop_signal import StopSignal
 
@@ -376,14 +377,9 @@ def serve_health(worker: KafkaWorker, host: str, port: int) -> ThreadingHTTPServ
             if self.path == "/metrics":
                 status, body, kind = 200, generate_latest(worker.metrics.registry), "text/plain; version=0.0.4"
             elif self.path == "/health/readiness":
-                name = worker.plan.function
-                if worker.ready:
-                    status, state = 200, {"status": "ready", "ready": True, "name": name, "function": name}
-                else:
-                    reason = worker.not_ready_reason()
-                    status = 503
-                    state = {"status": "not ready", "ready": False, "name": name, "function": name, "reason": reason}
-                body, kind = orjson.dumps(state), "application/json"
+                reason = None if worker.ready else worker.not_ready_reason()
+                status = 200 if reason is None else 503
+                body, kind = orjson.dumps(readiness_state(worker.plan.function, reason)), "application/json"
             elif self.path == "/health/liveness":
                 ok = worker.failed is None
                 status, body, kind = (
