@@ -303,6 +303,34 @@ class KafkaWorker:
             behind = max(0, high - tp.offset) if tp.offset >= 0 else high
             self.metrics.lag.labels(self.metrics.function, str(tp.partition)).set(behind)
 
+    def _hold_until_ready(self, consumer: Any) -> list[Any] | None:
+        """While the model loads: keep the consumer polled (a group join and its rebalances happen
+        inside poll) with its partitions paused, and keep whatever record a poll still returns (one
+        fetched before the pause took effect); they are the first batch once the model is ready.
+        None when stopped first. A record dropped here would be skipped for good: the commits after
+        the first batch go past it."""
+        early: list[Any] = []
+        while not self.pipeline.wait_ready(0.1):
+            if self.stop.is_set():
+                return None
+            message = consumer.poll(0)
+            if message is not None and usable(message, f"worker {self.plan.function}"):
+                early.append(message)
+            held = consumer.assignment()
+            if held:
+                consumer.pause(held)
+        held = consumer.assignment()
+        if held:
+            consumer.resume(held)
+        mine = {(tp.topic, tp.partition) for tp in held}
+        kept = [m for m in early if (m.topic(), m.partition()) in mine]  # a revoked partition's are its new owner's
+        if early:
+            log.info(
+                "worker %s: %d record(s) fetched while the model loaded, handled first",
+                self.plan.function, len(kept),
+            )  # fmt: skip
+        return kept
+
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT (0) or a failure (1)."""
         from confluent_kafka import Consumer
@@ -318,10 +346,11 @@ class KafkaWorker:
                 self._assign_all(consumer)
             else:
                 consumer.subscribe([self.plan.broker_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-            while not self.pipeline.wait_ready(0.1):
-                if self.stop.is_set():
-                    return 0
-                consumer.poll(0)  # join the group meanwhile
+            early = self._hold_until_ready(consumer)
+            if early is None:
+                return 0
+            if early:
+                self.handle(early, results_to)
             last_commit = time.monotonic()
             while not self.stop.is_set() and self.failed is None:
                 while self.tracker.in_flight >= MAX_IN_FLIGHT and self.failed is None:

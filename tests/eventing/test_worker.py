@@ -302,3 +302,65 @@ def test_up_sees_a_killed_worker_and_starts_it_again_losing_nothing(tmp_path: Pa
         assert component["state"] == "ready" and component["restarts"] == 1
     finally:
         assert stop_up(process) == 0
+
+
+def test_records_fetched_while_the_model_loads_are_answered_not_skipped(
+    kafka: KafkaConfig, ns: str, tmp_path: Path
+) -> None:
+    """A worker at zero reads every partition at once (`--assign-all`) and its model loads after:
+    records already on the topic must all be answered, once. (The loop used to poll during the load
+    and drop what the poll returned; the commits after the first batch then went past it.)"""
+    import threading
+
+    from shared.config import Settings
+    from shared.contract import load_handler
+    from shared.eventing import spec
+    from shared.eventing.worker import KafkaWorker, WorkerPlan
+    from shared.metrics import Metrics
+    from shared.pipeline import Pipeline
+
+    if not (MODELS / "digits").is_dir():
+        pytest.skip("no digits model: run `make models`")
+    (tmp_path / "eventing.yaml").write_text(
+        spec_yaml(ns, [_trigger("digits", "dev.onnxfn.digits.request", SERVICE_REF)])
+    )
+    broker_topic = f"knative-broker-{ns}-default"
+    ensure_topics(kafka, {broker_topic: (2, 1)})
+    images = _digits_images(10)
+    events = [request("dev.onnxfn.digits.request", {"image": images[i % 10][0]}, key=f"k{i}") for i in range(60)]
+    produce(kafka, broker_topic, events)
+
+    plan = WorkerPlan.of(spec.load(tmp_path, ROOT / "knative"), "digits")
+    handler = load_handler("digits")
+    pipeline = Pipeline(handler, Settings.from_env({"ONNXFN_WORKERS": "1"}, function="digits"), Metrics("digits"))
+    worker = KafkaWorker(plan, kafka, pipeline, assign_all=True)
+    checks = 0
+    release = threading.Event()
+    real_wait, real_load = pipeline.wait_ready, pipeline._try_load
+
+    def counted_wait(timeout: float | None = None) -> bool:
+        nonlocal checks
+        if worker.assigned.is_set():
+            checks += 1
+            if checks >= 15:  # 15 turns of the loading loop with the partitions assigned
+                release.set()
+        return real_wait(timeout)
+
+    def held_load() -> bool:
+        release.wait(60)
+        return real_load()
+
+    pipeline.wait_ready = counted_wait  # type: ignore[method-assign]
+    pipeline._try_load = held_load  # type: ignore[method-assign]
+    runner = threading.Thread(target=worker.run, daemon=True)
+    runner.start()
+    try:
+        want = {e.id for e in events}
+        seen = collect(kafka, [broker_topic], lambda s: want <= ids_of(s[broker_topic], "requestid"), 60)
+        assert release.is_set()
+        answered = [str(e.attributes["requestid"]) for e in seen[broker_topic] if e.type == "dev.onnxfn.digits.result"]
+        assert sorted(answered) == sorted(want)
+    finally:
+        worker.stop.set()
+        runner.join(30)
+    assert not runner.is_alive() and worker.failed is None
