@@ -324,7 +324,7 @@ class KafkaWorker:
             consumer.resume(held)
         mine = {(tp.topic, tp.partition) for tp in held}
         kept = [m for m in early if (m.topic(), m.partition()) in mine]  # a revoked partition's are its new owner's
-        if early:
+        if kept:
             log.info(
                 "worker %s: %d record(s) fetched while the model loaded, handled first",
                 self.plan.function, len(kept),

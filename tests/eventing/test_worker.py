@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,8 +311,6 @@ def test_records_fetched_while_the_model_loads_are_answered_not_skipped(
     """A worker at zero reads every partition at once (`--assign-all`) and its model loads after:
     records already on the topic must all be answered, once. (The loop used to poll during the load
     and drop what the poll returned; the commits after the first batch then went past it.)"""
-    import threading
-
     from shared.config import Settings
     from shared.contract import load_handler
     from shared.eventing import spec
